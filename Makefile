@@ -1,0 +1,30 @@
+# Set-up and tests. `make setup` is idempotent: it only does what is missing.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast clean-venv redis
+
+setup: $(STAMP) redis
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	# torchrec's metadata asks for the CUDA fbgemm-gpu; the CPU build is already in.
+	$(VPY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+redis:
+	@bash scripts/ensure_redis.sh
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+test-fast: setup
+	$(VPY) -m pytest -q -m "not slow" tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,257 @@
+"""Configuration: one flat ``RunConfig`` a user writes (TOML, ``--set k=v``),
+and a small validated config per component derived from it.
+
+Each component receives only its own config (``StoreConfig``, ``OracleConfig``,
+``TrainerConfig``...), so nothing reaches into a global namespace. Every
+check raises ``ConfigError`` naming the key at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POLICIES = ("local", "none", "lru", "lfu", "lru-prefetch", "static", "bagpipe", "bagpipe-original")
+OPTIMIZERS = ("sgd", "adagrad")
+MODELS = ("dlrm", "dcn")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing, out of range or inconsistent."""
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the embedding rows live: S local redis-server shards, given URLs, or a cluster."""
+
+    shards: int = 2
+    host: str = "127.0.0.1"
+    base_port: int = 0  # 0: pick free ports
+    urls: tuple[str, ...] = ()  # existing servers (redis://host:port/0), one per shard
+    cluster_url: str = ""  # a Redis Cluster node to bootstrap from
+    password_env: str = "BAGPIPE_REDIS_PASSWORD"  # the password is read from this variable
+    timeout_s: float = 5.0
+    persistence: str = "off"  # off | appendonly
+    appendfsync: str = "everysec"
+    latency_us: float = 0.0  # added to every round trip (a network stand-in)
+    bandwidth_gbps: float = 0.0  # 0: unlimited
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.shards >= 1 or bool(self.cluster_url), "shards", f"must be >= 1, got {self.shards}")
+        _require(0 <= self.base_port < 65536, "redis_base_port", f"not a port: {self.base_port}")
+        _require(self.timeout_s > 0, "redis_timeout_s", "must be > 0")
+        _require(self.persistence in ("off", "appendonly"), "redis_persistence", "must be off or appendonly")
+        _require(self.appendfsync in ("always", "everysec", "no"), "redis_appendfsync", "must be always, everysec or no")
+        _require(self.latency_us >= 0, "store_latency_us", "must be >= 0")
+        _require(self.bandwidth_gbps >= 0, "store_bandwidth_gbps", "must be >= 0")
+
+    @property
+    def password(self) -> str | None:
+        return os.environ.get(self.password_env) or None
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    """The planner: policy, capacity per trainer, lead P, horizon H, and flow control."""
+
+    policy: str = "bagpipe"
+    cache_rows: int = 100_000
+    lead: int = 2
+    horizon: int = 8
+    max_ahead: int = 16  # credits: plans sent ahead of the slowest trainer
+    bind: str = "tcp://127.0.0.1:0"
+    recv_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        _require(self.policy in POLICIES, "policy", f"'{self.policy}' is not one of {', '.join(POLICIES)}")
+        _require(self.cache_rows >= 1, "cache_rows", f"must be >= 1, got {self.cache_rows}")
+        _require(self.lead >= 0, "lead", f"must be >= 0, got {self.lead}")
+        _require(self.horizon >= self.lead, "horizon", f"must be >= lead ({self.lead}), got {self.horizon}")
+        _require(self.max_ahead >= max(1, self.lead), "max_ahead", f"must be >= lead and >= 1, got {self.max_ahead}")
+        _require(self.recv_timeout_s > 0, "plan_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "dlrm"
+    embedding_dim: int = 16
+    bottom_mlp: tuple[int, ...] = (64, 16)
+    top_mlp: tuple[int, ...] = (64, 32, 1)
+    dcn_layers: int = 2
+    dcn_rank: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.name in MODELS, "model", f"'{self.name}' is not one of {', '.join(MODELS)}")
+        _require(self.embedding_dim >= 1, "embedding_dim", "must be >= 1")
+        _require(len(self.bottom_mlp) >= 1 and self.bottom_mlp[-1] == self.embedding_dim, "bottom_mlp",
+                 f"must end in embedding_dim ({self.embedding_dim}), got {list(self.bottom_mlp)}")
+        _require(len(self.top_mlp) >= 1 and self.top_mlp[-1] == 1, "top_mlp", "must end in 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one job needs, as a user writes it (flat keys)."""
+
+    data: str = ""
+    model: str = "dlrm"
+    policy: str = "bagpipe"
+    trainers: int = 2
+    shards: int = 2
+    batch_size: int = 1024  # global
+    iterations: int = 100  # 0: one epoch
+    embedding_dim: int = 16
+    bottom_mlp: tuple[int, ...] = (64, 16)
+    top_mlp: tuple[int, ...] = (64, 32, 1)
+    cache_rows: int = 100_000
+    lead: int = 2
+    horizon: int = 8
+    max_ahead: int = 16
+    optimizer: str = "adagrad"
+    lr: float = 0.05
+    dense_lr: float = 0.05
+    eps: float = 1e-8
+    seed: int = 0
+    shuffle: bool = True
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    redis_host: str = "127.0.0.1"
+    redis_base_port: int = 0
+    redis_urls: tuple[str, ...] = ()
+    redis_cluster_url: str = ""
+    redis_timeout_s: float = 5.0
+    redis_persistence: str = "off"
+    redis_appendfsync: str = "everysec"
+    store_latency_us: float = 0.0
+    store_bandwidth_gbps: float = 0.0
+    oracle_bind: str = "tcp://127.0.0.1:0"
+    plan_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        _require(self.trainers >= 1, "trainers", f"must be >= 1, got {self.trainers}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.batch_size % self.trainers == 0, "batch_size",
+                 f"{self.batch_size} is not divisible by trainers={self.trainers}")
+        _require(self.iterations >= 0, "iterations", "must be >= 0")
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"'{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.dense_lr > 0, "dense_lr", "must be > 0")
+        _require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        _require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        # Component configs validate their own keys.
+        self.store_config()
+        self.oracle_config()
+        self.model_config()
+
+    @property
+    def state_width(self) -> int:
+        """Optimizer state columns stored with each row (row-wise Adagrad: 1)."""
+        return 1 if self.optimizer == "adagrad" else 0
+
+    def store_config(self) -> StoreConfig:
+        return StoreConfig(
+            shards=self.shards, host=self.redis_host, base_port=self.redis_base_port,
+            urls=tuple(self.redis_urls), cluster_url=self.redis_cluster_url,
+            timeout_s=self.redis_timeout_s, persistence=self.redis_persistence,
+            appendfsync=self.redis_appendfsync, latency_us=self.store_latency_us,
+            bandwidth_gbps=self.store_bandwidth_gbps, seed=self.seed,
+        )
+
+    def oracle_config(self) -> OracleConfig:
+        return OracleConfig(
+            policy=self.policy, cache_rows=self.cache_rows, lead=self.lead, horizon=self.horizon,
+            max_ahead=self.max_ahead, bind=self.oracle_bind, recv_timeout_s=self.plan_timeout_s,
+        )
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(name=self.model, embedding_dim=self.embedding_dim,
+                           bottom_mlp=tuple(self.bottom_mlp), top_mlp=tuple(self.top_mlp))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> "RunConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{where}: unknown config key '{key}'")
+            kwargs[key] = _coerce(key, value, known[key].type, where)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None, overrides: list[str] = ()) -> "RunConfig":
+        """Read a TOML file (or defaults when None) and apply ``KEY=VALUE`` overrides."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            try:
+                values = tomllib.loads(p.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {p} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+            # Relative data paths are relative to the config file.
+            if values.get("data") and not Path(values["data"]).is_absolute():
+                values["data"] = str((p.parent / values["data"]).resolve())
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+            k, v = item.split("=", 1)
+            values[k.strip()] = _parse_override(v.strip())
+        return cls.from_dict(values, where=str(path) if path else "--set")
+
+
+def _parse_override(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as a policy name or a path
+
+
+def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
+    typ = str(typ)
+    try:
+        if typ == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ == "float":
+            return float(value)
+        if typ == "str":
+            return str(value)
+        if typ.startswith("tuple[int"):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            return tuple(int(v) for v in value)
+        if typ.startswith("tuple[str"):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: config key '{key}': {value!r} is not a valid {typ}") from None
+    return value

@@ -1,0 +1,78 @@
+"""Row keys and initial row values.
+
+A row is addressed everywhere (planner, cache, store, wire) by one int64 key
+that packs the table index and the row id: ``key = table << ROW_BITS | row``.
+Keeping one flat key lets the planner and the store treat all tables alike
+with vectorised numpy code.
+
+A row that was never written has an *initial value* that is a pure function
+of (seed, table, row, column): a counter-based hash (splitmix64), so any
+machine computes the same bits without shared state and without writing the
+row to the store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ROW_BITS = 40
+MAX_TABLES = 1 << (63 - ROW_BITS)
+MAX_ROWS = 1 << ROW_BITS
+_ROW_MASK = np.int64(MAX_ROWS - 1)
+
+
+def make_keys(table: int | np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Pack table index(es) and row ids into int64 keys."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return (np.asarray(table, dtype=np.int64) << ROW_BITS) | rows
+
+
+def key_table(keys: np.ndarray) -> np.ndarray:
+    return np.asarray(keys, dtype=np.int64) >> ROW_BITS
+
+
+def key_row(keys: np.ndarray) -> np.ndarray:
+    return np.asarray(keys, dtype=np.int64) & _ROW_MASK
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, vectorised over uint64 (wrapping arithmetic)."""
+    z = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def stable_hash(keys: np.ndarray, salt: int = 0) -> np.ndarray:
+    """A hash of keys that is the same on every machine and every run."""
+    with np.errstate(over="ignore"):
+        return splitmix64(np.asarray(keys, dtype=np.int64).view(np.uint64) ^ splitmix64(np.uint64(salt)))
+
+
+def init_bound(num_embeddings: int) -> float:
+    """Half-width of the uniform initial distribution: torchrec's default, sqrt(1/n)."""
+    return float(np.sqrt(1.0 / max(1, num_embeddings)))
+
+
+def initial_rows(
+    keys: np.ndarray, dim: int, state_width: int, seed: int, table_sizes: np.ndarray
+) -> np.ndarray:
+    """Initial values of rows never written: float32 [n, dim + state_width].
+
+    Embedding columns are uniform in [-b, b] with b = sqrt(1/num_embeddings)
+    of the row's table; optimizer state columns start at zero.
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    n = keys.shape[0]
+    out = np.zeros((n, dim + state_width), dtype=np.float32)
+    if n == 0:
+        return out
+    bounds = np.sqrt(1.0 / np.maximum(1, np.asarray(table_sizes, dtype=np.float64)))[key_table(keys)]
+    with np.errstate(over="ignore"):
+        base = splitmix64(keys.view(np.uint64) ^ splitmix64(np.uint64(seed)))
+        cols = np.arange(dim, dtype=np.uint64) * np.uint64(0x632BE59BD9B4E019)
+        bits = splitmix64(base[:, None] + cols[None, :])
+    # 24 high bits -> a float in [0, 1) exactly representable in float32.
+    unit = (bits >> np.uint64(40)).astype(np.float64) / float(1 << 24)
+    out[:, :dim] = ((2.0 * unit - 1.0) * bounds[:, None]).astype(np.float32)
+    return out

@@ -1,0 +1,23 @@
+"""One logger setup for every process of a job."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+logger = logging.getLogger("bagpipe")
+
+
+def init_logger(role: str = "", level: str | None = None) -> logging.Logger:
+    """Configure the ``bagpipe`` logger once per process, tagging lines with the role."""
+    level = level or os.environ.get("BAGPIPE_LOG", "INFO")
+    root = logging.getLogger("bagpipe")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        tag = f"[{role}] " if role else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(level)
+    return root
