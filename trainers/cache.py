@@ -1,0 +1,89 @@
+"""The trainer's hot-embedding cache: rows in slots on the device, looked up by slot.
+
+Each slot holds a row's embedding followed by its optimizer state
+(``width = dim + state_width``). This module is pure torch: no sockets, no
+Redis; the trainer loop feeds it rows and plans.
+
+Why not fbgemm's fused backward-and-optimizer: a row read by several
+trainers in one iteration must see the *sum* of their gradients before the
+optimizer touches it, and fbgemm fuses the update into backward, before any
+collective can run. So the lookup gathers each distinct slot once into a
+leaf tensor, autograd sums the gradient per distinct row (deterministically,
+in batch order), the trainer all-reduces the rows the plan lists, and one
+vectorised row-wise update writes the new values back into the slots. With
+one trainer the arithmetic is exactly that of the all-in-memory reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+
+class SlotCache:
+    """Rows in slots, row-wise SGD or Adagrad applied in place."""
+
+    def __init__(self, slots: int, dim: int, state_width: int, device: torch.device,
+                 optimizer: str, lr: float, eps: float) -> None:
+        self.dim, self.state_width, self.device = dim, state_width, device
+        self.optimizer, self.lr, self.eps = optimizer, lr, eps
+        self.rows = torch.zeros(slots, dim + state_width, dtype=torch.float32, device=device)
+
+    @property
+    def width(self) -> int:
+        return self.dim + self.state_width
+
+    def ensure_slots(self, slots: int) -> None:
+        """Grow the slot table (for policies without a capacity bound)."""
+        if slots > self.rows.shape[0]:
+            grown = torch.zeros(max(slots, 2 * self.rows.shape[0]), self.width, device=self.device)
+            grown[: self.rows.shape[0]] = self.rows
+            self.rows = grown
+
+    def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        if slots.numel():
+            self.rows.index_copy_(0, slots, values)
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.rows.index_select(0, slots)
+
+    def lookup(self, kjt: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor, torch.Tensor]:
+        """Embeddings of a KJT of slots (one id per sample and table).
+
+        Returns the KeyedTensor for the model, the leaf tensor of distinct rows
+        (its ``.grad`` is the gradient per distinct row after backward), and
+        the distinct slots in the leaf's order.
+        """
+        keys = kjt.keys()
+        values = kjt.values()
+        batch = values.numel() // len(keys)
+        uniq, inverse = torch.unique(values, sorted=True, return_inverse=True)
+        leaf = self.rows.index_select(0, uniq)[:, : self.dim].detach().requires_grad_(True)
+        emb = leaf[inverse].view(len(keys), batch, self.dim).transpose(0, 1).reshape(batch, -1)
+        return KeyedTensor(keys=keys, length_per_key=[self.dim] * len(keys), values=emb), leaf, uniq
+
+    @torch.no_grad()
+    def apply_gradients(self, slots: torch.Tensor, grads: torch.Tensor) -> None:
+        """One optimizer step on the rows in ``slots`` (distinct) with their total gradients."""
+        if slots.numel() == 0:
+            return
+        rows = self.rows.index_select(0, slots)
+        w = rows[:, : self.dim]
+        if self.optimizer == "sgd":
+            w = w - self.lr * grads
+            self.rows[slots, : self.dim] = w
+            return
+        # Row-wise Adagrad, as fbgemm's EXACT_ROWWISE_ADAGRAD: one accumulator per row.
+        state = rows[:, self.dim] + (grads * grads).mean(dim=1)
+        w = w - self.lr * grads / (state.sqrt() + self.eps).unsqueeze(1)
+        rows[:, : self.dim] = w
+        rows[:, self.dim] = state
+        self.rows.index_copy_(0, slots, rows)
+
+
+def slots_kjt(table_names: list[str], read_slots: torch.Tensor) -> KeyedJaggedTensor:
+    """A KeyedJaggedTensor of cache slots from a [batch, tables] slot matrix (one id each)."""
+    batch = read_slots.shape[0]
+    values = read_slots.t().reshape(-1).to(torch.int64)
+    lengths = torch.ones(values.numel(), dtype=torch.int32, device=values.device)
+    return KeyedJaggedTensor(keys=table_names, values=values, lengths=lengths, stride=batch)
