@@ -1,0 +1,151 @@
+"""The Oracle Cacher process: the planner inside a thin ZeroMQ shell.
+
+It binds a ROUTER socket; every trainer connects a DEALER, says HELLO with
+its rank, then receives plans in order and returns one CREDIT per finished
+iteration. Credits bound how far ahead the oracle runs (``max_ahead``), so
+its memory stays bounded, and carry each trainer's write-back watermark so
+the planner can forget write-backs known to have landed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import zmq
+
+from bagpipe.config import RunConfig
+from bagpipe.log import init_logger
+from bagpipe.wire import (KIND_CREDIT, KIND_END, KIND_ERROR, KIND_HELLO, WireError, decode_control,
+                          encode_control, encode_plan)
+from oracle.planner import Planner, PlannerConfig
+
+log = logging.getLogger("bagpipe")
+
+
+class OracleError(RuntimeError):
+    pass
+
+
+def planner_config(cfg: RunConfig, iterations: int) -> PlannerConfig:
+    return PlannerConfig(policy=cfg.policy, cache_rows=cfg.cache_rows, lead=cfg.lead, horizon=cfg.horizon,
+                         trainers=cfg.trainers, batch_size=cfg.batch_size, iterations=iterations)
+
+
+class OracleServer:
+    """Streams a planner's plans to N trainers with credit-based flow control."""
+
+    def __init__(self, planner: Planner, job: str, endpoint: str, trainers: int, max_ahead: int,
+                 timeout_s: float) -> None:
+        self.planner, self.job, self.trainers = planner, job, trainers
+        self.max_ahead, self.timeout_s = max_ahead, timeout_s
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            self.sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise OracleError(f"oracle cannot bind {endpoint}: {exc}") from None
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.identity: dict[int, bytes] = {}
+        self.done = [-1] * trainers  # last iteration each trainer finished
+        self.written_through = [-1] * trainers  # each trainer's landed write-backs
+
+    def _recv(self, timeout_s: float) -> tuple[bytes, bytes, dict] | None:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        frames = self.sock.recv_multipart(copy=True)
+        ident, frames = frames[0], frames[1:]
+        kind, header = decode_control(frames, self.job)
+        return ident, kind, header
+
+    def _handle(self, ident: bytes, kind: bytes, header: dict) -> None:
+        rank = header.get("rank")
+        if not isinstance(rank, int) or not 0 <= rank < self.trainers:
+            raise OracleError(f"message from unknown rank {rank!r}")
+        if kind == KIND_HELLO:
+            self.identity[rank] = ident
+        elif kind == KIND_CREDIT:
+            it = header.get("iteration")
+            if it != self.done[rank] + 1:
+                raise OracleError(f"trainer {rank} acknowledged iteration {it}, expected {self.done[rank] + 1}")
+            self.done[rank] = it
+            self.written_through[rank] = int(header.get("written_through", -1))
+            self.planner.note_writebacks_applied(min(self.written_through))
+        elif kind == KIND_ERROR:
+            raise OracleError(f"trainer {rank} stopped: {header.get('message', '')}")
+
+    def serve(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while len(self.identity) < self.trainers:
+            left = deadline - time.monotonic()
+            msg = self._recv(max(left, 0.0)) if left > 0 else None
+            if msg is None:
+                missing = sorted(set(range(self.trainers)) - set(self.identity))
+                raise OracleError(f"trainers {missing} never connected to {self.endpoint} within {self.timeout_s}s")
+            self._handle(*msg)
+        log.info("all %d trainers connected to %s", self.trainers, self.endpoint)
+        for i, plans in self.planner.plans():
+            # Flow control: plan i goes out only when every trainer has finished i - max_ahead.
+            while min(self.done) < i - self.max_ahead:
+                msg = self._recv(self.timeout_s)
+                if msg is None:
+                    slow = self.done.index(min(self.done))
+                    raise OracleError(f"no credit from trainer {slow} within {self.timeout_s}s (last finished iteration {self.done[slow]})")
+                self._handle(*msg)
+            for t, plan in enumerate(plans):
+                self.sock.send_multipart([self.identity[t]] + encode_plan(plan, self.job), copy=False)
+            while self.sock.poll(0):
+                self._handle(*self._recv(0))
+        for t in range(self.trainers):
+            self.sock.send_multipart([self.identity[t]] + encode_control(KIND_END, self.job, rank=t))
+        last = self.planner.iterations - 1
+        while min(self.done) < last:
+            msg = self._recv(self.timeout_s)
+            if msg is None:
+                raise OracleError("trainers did not finish after the last plan")
+            self._handle(*msg)
+
+    def close(self, error: str | None = None) -> None:
+        if error and self.identity:
+            for t, ident in self.identity.items():
+                try:
+                    self.sock.send_multipart([ident] + encode_control(KIND_ERROR, self.job, rank=t, message=error),
+                                             flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        self.sock.close()
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bagpipe oracle", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555")
+    args = parser.parse_args(argv)
+    init_logger("oracle")
+    cfg = RunConfig.from_dict(json.loads((args.run_dir / "config.json").read_text()))
+    job = (args.run_dir / "job_id").read_text().strip()
+    from data.reader import Dataset
+
+    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle)
+    iterations = cfg.iterations or len(sparse)
+    planner = Planner(planner_config(cfg, iterations), sparse)
+    server = OracleServer(planner, job, args.endpoint, cfg.trainers, cfg.max_ahead, cfg.plan_timeout_s)
+    error = None
+    try:
+        server.serve()
+        stats = [vars(s) for s in planner.stats]
+        (args.run_dir / "oracle_stats.json").write_text(json.dumps(stats, indent=1))
+        log.info("planned %d iterations", planner.iterations)
+        return 0
+    except (OracleError, WireError) as exc:
+        error = str(exc)
+        log.error("%s", exc)
+        return 1
+    finally:
+        server.close(error)

@@ -1,0 +1,164 @@
+"""The trainer's background store traffic: prefetches and write-backs, in issue order.
+
+One worker thread runs the store operations in the order the trainer issued
+them, so a trainer's own write-back always lands before any later fetch of
+the same row. A fetch that depends on another trainer's write-back names
+the version it needs; rows read with an older version are read again until
+the version arrives or ``wait_timeout_s`` passes (then the job stops: it
+never trains on a stale row).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from bagpipe.store import EmbeddingStore
+
+
+class StoreIOError(RuntimeError):
+    pass
+
+
+class StoreIO:
+    """Asynchronous fetches (by fetch id) and write-backs for one trainer."""
+
+    def __init__(self, store: EmbeddingStore, wait_timeout_s: float = 60.0) -> None:
+        self.store = store
+        self.wait_timeout_s = wait_timeout_s
+        self._ops: deque = deque()
+        self._cv = threading.Condition()
+        self._staged: dict[int, np.ndarray] = {}
+        self._cancelled: set[int] = set()
+        self._error: BaseException | None = None
+        self._closed = False
+        self.written_through = -1  # every write-back issued after iterations <= this has landed
+        self._pending_writes = 0
+        self.rows_fetched = 0
+        self.rows_written = 0
+        self.version_retries = 0
+        self._thread = threading.Thread(target=self._run, name="store-io", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ trainer side
+    def fetch(self, first_id: int, keys: np.ndarray, min_versions: np.ndarray) -> None:
+        if len(keys):
+            self._submit(("get", first_id, keys.copy(), min_versions.copy()))
+
+    def write_back(self, keys: np.ndarray, values: np.ndarray, version: int) -> None:
+        with self._cv:
+            self._pending_writes += 1
+        self._submit(("put", keys.copy(), values, version))
+
+    def mark_iteration(self, iteration: int) -> None:
+        """Everything issued so far belongs to iterations <= ``iteration``."""
+        self._submit(("mark", iteration))
+
+    def cancel(self, ids: np.ndarray) -> None:
+        with self._cv:
+            for fid in ids.tolist():
+                if self._staged.pop(fid, None) is None:
+                    self._cancelled.add(fid)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Block until the rows of fetch ``ids`` have arrived; returns them stacked."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        out = []
+        with self._cv:
+            for fid in ids.tolist():
+                while fid not in self._staged:
+                    self._raise_if_failed()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise StoreIOError(f"fetch {fid} did not arrive within {self.wait_timeout_s}s")
+                    self._cv.wait(min(left, 1.0))
+                out.append(self._staged.pop(fid))
+        if not out:
+            return np.zeros((0, self.store.width), np.float32)
+        return np.stack(out)
+
+    def drain(self) -> None:
+        """Wait until every issued operation has run."""
+        deadline = time.monotonic() + max(self.wait_timeout_s, 60.0)
+        with self._cv:
+            while self._ops or self._pending_writes:
+                self._raise_if_failed()
+                if time.monotonic() > deadline:
+                    raise StoreIOError("store operations did not finish in time")
+                self._cv.wait(0.5)
+            self._raise_if_failed()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreIOError(f"store traffic failed: {self._error}") from self._error
+
+    def _submit(self, op: tuple) -> None:
+        with self._cv:
+            self._raise_if_failed()
+            self._ops.append(op)
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------- worker side
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._ops and not self._closed:
+                        self._cv.wait()
+                    if not self._ops:
+                        return
+                    op = self._ops[0]
+                kind = op[0]
+                if kind == "get":
+                    self._get(*op[1:])
+                elif kind == "put":
+                    _, keys, values, version = op
+                    self.store.put(keys, values, version)
+                    self.rows_written += len(keys)
+                    with self._cv:
+                        self._pending_writes -= 1
+                else:
+                    self.written_through = op[1]
+                with self._cv:
+                    self._ops.popleft()
+                    self._cv.notify_all()
+        except BaseException as exc:  # handed to the trainer thread, which stops the job
+            with self._cv:
+                self._error = exc
+                self._cv.notify_all()
+
+    def _get(self, first_id: int, keys: np.ndarray, min_versions: np.ndarray) -> None:
+        values, versions = self.store.get(keys)
+        deadline = time.monotonic() + self.wait_timeout_s
+        stale = np.flatnonzero(versions < min_versions)
+        delay = 0.001
+        while len(stale):
+            # Another trainer's write-back has not landed yet: read those rows again.
+            if time.monotonic() > deadline:
+                k = int(keys[stale[0]])
+                raise StoreIOError(f"row key {k} still has version {int(versions[stale[0]])} < "
+                                   f"{int(min_versions[stale[0]])} after {self.wait_timeout_s}s (write-back lost?)")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            self.version_retries += len(stale)
+            v2, ver2 = self.store.get(keys[stale])
+            values[stale], versions[stale] = v2, ver2
+            stale = stale[ver2 < min_versions[stale]]
+        self.rows_fetched += len(keys)
+        with self._cv:
+            for j in range(len(keys)):
+                fid = first_id + j
+                if fid in self._cancelled:
+                    self._cancelled.discard(fid)
+                else:
+                    self._staged[fid] = values[j]
+            self._cv.notify_all()

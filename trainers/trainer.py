@@ -1,0 +1,425 @@
+"""One trainer rank, started by torchrun: plans in, cached embeddings, data-parallel dense model.
+
+Per iteration i (see ``bagpipe.wire.Plan`` for the contract):
+issue the plan's fetches (background), install the rows due now (waiting
+here is the *stall*), forward and backward through the slot cache, one
+all-reduce carrying dense gradients, the gradients of shared rows and the
+rows joined this iteration, the optimizer steps, then evictions handed to
+the background writer and a credit back to the oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zmq
+
+from bagpipe.config import RunConfig
+from bagpipe.keys import initial_rows, key_row, key_table
+from bagpipe.log import init_logger
+from bagpipe.wire import KIND_END, KIND_ERROR, KIND_HELLO, KIND_CREDIT, Plan, WireError, decode_control, decode_plan, encode_control
+from oracle.planner import batch_keys
+from trainers.cache import SlotCache, slots_kjt
+from trainers.models import build_dense_model
+
+log = logging.getLogger("bagpipe")
+
+
+class TrainerError(RuntimeError):
+    pass
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainerError("config key 'device': cuda requested but CUDA is not available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+class PlanClient:
+    """The trainer's end of the plan stream: in-order plans, credits back."""
+
+    def __init__(self, endpoint: str, job: str, rank: int, timeout_s: float) -> None:
+        self.endpoint, self.job, self.rank, self.timeout_s = endpoint, job, rank, timeout_s
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.sock.send_multipart(encode_control(KIND_HELLO, job, rank=rank))
+
+    def next_plan(self, iteration: int) -> Plan:
+        if not self.sock.poll(int(self.timeout_s * 1000)):
+            raise TrainerError(f"rank {self.rank}: no plan for iteration {iteration} from the oracle at "
+                               f"{self.endpoint} within {self.timeout_s}s")
+        frames = self.sock.recv_multipart(copy=True)
+        kind = bytes(frames[0])
+        if kind == KIND_ERROR:
+            _, header = decode_control(frames, self.job)
+            raise TrainerError(f"the oracle stopped: {header.get('message', '')}")
+        if kind == KIND_END:
+            raise TrainerError(f"rank {self.rank}: the oracle ended the plan stream before iteration {iteration}")
+        return decode_plan(frames, self.job, self.rank, iteration)
+
+    def credit(self, iteration: int, written_through: int) -> None:
+        self.sock.send_multipart(encode_control(KIND_CREDIT, self.job, rank=self.rank, iteration=iteration,
+                                                written_through=written_through))
+
+    def error(self, message: str) -> None:
+        try:
+            self.sock.send_multipart(encode_control(KIND_ERROR, self.job, rank=self.rank, message=message[:500]),
+                                     flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+class LocalPlans:
+    """Policy ``local``: every row of every table lives in the trainer (slot = table offset + row)."""
+
+    def __init__(self, offsets: np.ndarray, sparse, rank: int, world: int, local_b: int) -> None:
+        self.offsets, self.sparse, self.rank, self.world, self.local_b = offsets, sparse, rank, world, local_b
+
+    def slots(self, keys: np.ndarray) -> np.ndarray:
+        return (self.offsets[key_table(keys)] + key_row(keys)).astype(np.int32)
+
+    def next_plan(self, iteration: int) -> Plan:
+        keys = batch_keys(self.sparse[iteration])
+        mine = keys[self.rank * self.local_b:(self.rank + 1) * self.local_b]
+        plan = Plan.empty(iteration, self.rank, self.local_b, keys.shape[1])
+        plan.read_slots = self.slots(mine)
+        if self.world > 1:
+            # Every trainer holds every row: all rows used by anyone are synced.
+            used = np.unique(keys)
+            plan.sync_pos = np.arange(len(used), dtype=np.int32)
+            plan.sync_slots = self.slots(used)
+            plan.n_sync = len(used)
+        return plan
+
+
+@dataclass
+class Meters:
+    stall_s: float = 0.0
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    rows_fetched: int = 0
+    rows_written_back: int = 0
+    rows_read: int = 0
+    rows_read_installed_now: int = 0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    stall_per_iteration: list = field(default_factory=list)
+
+
+class Trainer:
+    """The training loop of one rank."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int) -> None:
+        from data.reader import Dataset
+
+        self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
+        self.device = pick_device(cfg.device)
+        self.dataset = Dataset(cfg.data)
+        self.table_names = [name for name, _ in self.dataset.tables]
+        self.table_sizes = np.array([n for _, n in self.dataset.tables], dtype=np.int64)
+        self.local_b = cfg.batch_size // world
+        self.reader = self.dataset.batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle,
+                                           world_size=world, rank=rank)
+        self.iterations = cfg.iterations or len(self.reader)
+        if self.iterations > len(self.reader):
+            raise TrainerError(f"config key 'iterations': {self.iterations} > {len(self.reader)} full batches in {cfg.data}")
+        torch.manual_seed(cfg.seed)  # identical dense initial weights on every rank
+        self.model = build_dense_model(cfg.model_config(), self.dataset.num_dense, len(self.table_names)).to(self.device)
+        self.dense_params = [p for p in self.model.parameters()]
+        self.dense_opt = torch.optim.Adagrad(self.dense_params, lr=cfg.dense_lr)
+        self.meters = Meters()
+        self.store = None
+        self.io = None
+        self.client = None
+        dim, sw = cfg.embedding_dim, cfg.state_width
+        if cfg.policy == "local":
+            self.offsets = np.concatenate([[0], np.cumsum(self.table_sizes)[:-1]]).astype(np.int64)
+            total = int(self.table_sizes.sum())
+            self.cache = SlotCache(total, dim, sw, self.device, cfg.optimizer, cfg.lr, cfg.eps)
+            self._init_local_tables()
+            sparse = self.dataset.sparse_batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle)
+            self.plans = LocalPlans(self.offsets, sparse, rank, world, self.local_b)
+            self.touched = torch.zeros(total, dtype=torch.bool)
+        else:
+            from bagpipe.store import EmbeddingStore
+            from trainers.storeio import StoreIO
+
+            endpoints = json.loads((run_dir / "endpoints.json").read_text())
+            self.store = EmbeddingStore(cfg.store_config(), endpoints["redis"], dim, sw, self.table_sizes.tolist())
+            self.io = StoreIO(self.store, wait_timeout_s=cfg.plan_timeout_s)
+            self.cache = SlotCache(cfg.cache_rows if cfg.policy not in ("none", "bagpipe-original") else 1024,
+                                   dim, sw, self.device, cfg.optimizer, cfg.lr, cfg.eps)
+            job = (run_dir / "job_id").read_text().strip()
+            self.client = PlanClient(endpoints["oracle"], job, rank, cfg.plan_timeout_s)
+            self.plans = self.client
+
+    def _init_local_tables(self) -> None:
+        offset = 0
+        for t, n in enumerate(self.table_sizes.tolist()):
+            for start in range(0, n, 1 << 20):
+                rows = np.arange(start, min(n, start + (1 << 20)), dtype=np.int64)
+                keys = (np.int64(t) << 40) | rows
+                vals = initial_rows(keys, self.cfg.embedding_dim, self.cfg.state_width, self.cfg.seed, self.table_sizes)
+                self.cache.rows[offset + start: offset + start + len(rows)] = torch.from_numpy(vals).to(self.device)
+            offset += n
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.cfg
+        started = time.perf_counter()
+        report_every = max(1, self.iterations // 20)
+        for i in range(self.iterations):
+            plan = self.plans.next_plan(i)
+            self.step(i, plan)
+            if self.client is not None:
+                self.client.credit(i, self.io.written_through)
+            if self.rank == 0 and (i + 1) % report_every == 0:
+                el = time.perf_counter() - started
+                log.info("iteration %d/%d  %.0f samples/s  loss %.4f  stall %.2fs", i + 1, self.iterations,
+                         (i + 1) * cfg.batch_size / el, self.meters.loss_sum / max(1, self.meters.loss_n),
+                         self.meters.stall_s)
+        if self.io is not None:
+            self.io.drain()
+        self.wall_s = time.perf_counter() - started
+
+    def step(self, i: int, plan: Plan) -> None:
+        m = self.meters
+        dev = self.device
+        if self.io is not None:
+            self.cache.ensure_slots(plan.slots_needed)
+            self.io.fetch(plan.first_fetch_id, plan.fetch_keys, plan.fetch_versions)
+            t0 = time.perf_counter()
+            rows = self.io.take(plan.install_ids)
+            stall = time.perf_counter() - t0
+            m.stall_s += stall
+            m.stall_per_iteration.append(stall)
+            self.cache.write(torch.from_numpy(plan.install_slots.astype(np.int64)).to(dev),
+                             torch.from_numpy(rows).to(dev))
+        t1 = time.perf_counter()
+        batch = self.reader[i]
+        dense = torch.from_numpy(batch.dense).to(dev)
+        labels = torch.from_numpy(batch.labels).to(dev)
+        read_slots = torch.from_numpy(plan.read_slots.astype(np.int64)).to(dev)
+        kt, leaf, uniq = self.cache.lookup(slots_kjt(self.table_names, read_slots))
+        logits = self.model(dense, kt)
+        # Sum over the local batch / global batch: summed over ranks this is the global mean.
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / self.cfg.batch_size
+        self.dense_opt.zero_grad(set_to_none=False)
+        loss.backward()
+        m.loss_sum += float(loss) * self.cfg.batch_size / self.local_b
+        m.loss_n += 1
+        grads = leaf.grad
+        slots, grads = self._combine(plan, uniq, grads)
+        self.dense_opt.step()
+        self.cache.apply_gradients(slots, grads)
+        if self.cfg.policy == "local":
+            self.touched[uniq.cpu()] = True
+        m.compute_s += time.perf_counter() - t1
+        if self.io is not None:
+            self._evict(i, plan)
+
+    def _combine(self, plan: Plan, uniq: torch.Tensor, local_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-reduce dense gradients, shared rows' gradients and joined rows; return the rows to update."""
+        if self.world == 1:
+            return uniq, local_grads
+        dev, dim, width = self.device, self.cfg.embedding_dim, self.cache.width
+        t0 = time.perf_counter()
+        dense_grads = [p.grad.reshape(-1) for p in self.dense_params]
+        n_dense = sum(g.numel() for g in dense_grads)
+        buf = torch.zeros(n_dense + plan.n_sync * dim + plan.n_join * width, device=dev)
+        buf[:n_dense] = torch.cat(dense_grads)
+        sync_pos = torch.from_numpy(plan.sync_pos.astype(np.int64)).to(dev)
+        sync_slots = torch.from_numpy(plan.sync_slots.astype(np.int64)).to(dev)
+        # Position of each synced slot among this iteration's distinct local rows (-1: not read here).
+        where = torch.searchsorted(uniq, sync_slots)
+        where = torch.clamp(where, max=max(0, len(uniq) - 1))
+        hit = (uniq[where] == sync_slots) if len(uniq) else torch.zeros_like(sync_slots, dtype=torch.bool)
+        sync_view = buf[n_dense:n_dense + plan.n_sync * dim].view(plan.n_sync, dim)
+        if hit.any():
+            sync_view[sync_pos[hit]] = local_grads[where[hit]]
+        join_view = buf[n_dense + plan.n_sync * dim:].view(plan.n_join, width)
+        send = torch.from_numpy(plan.join_send.astype(bool)).to(dev)
+        join_pos = torch.from_numpy(plan.join_pos.astype(np.int64)).to(dev)
+        join_slots = torch.from_numpy(plan.join_slots.astype(np.int64)).to(dev)
+        if send.any():
+            join_view[join_pos[send]] = self.cache.read(join_slots[send])
+        dist.all_reduce(buf)
+        self.meters.comm_s += time.perf_counter() - t0
+        offset = 0
+        for p in self.dense_params:
+            p.grad.copy_(buf[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        recv = ~send
+        if recv.any():
+            self.cache.write(join_slots[recv], join_view[join_pos[recv]])
+        # Rows to update: local rows with their own gradients, then synced rows with the sums.
+        slots = torch.cat([uniq[~_isin(uniq, sync_slots)], sync_slots])
+        grads = torch.cat([local_grads[~_isin(uniq, sync_slots)], sync_view[sync_pos]])
+        return slots, grads
+
+    def _evict(self, i: int, plan: Plan) -> None:
+        write = plan.evict_write.astype(bool)
+        if write.any():
+            slots = torch.from_numpy(plan.evict_slots[write].astype(np.int64)).to(self.device)
+            values = self.cache.read(slots).cpu().numpy()
+            self.io.write_back(plan.evict_keys[write], values, i)
+            self.meters.rows_written_back += int(write.sum())
+        if len(plan.cancel_ids):
+            self.io.cancel(plan.cancel_ids)
+        self.meters.rows_fetched += len(plan.fetch_keys)
+        self.io.mark_iteration(i)
+
+    # ------------------------------------------------------------ results
+    def rows_for(self, keys: np.ndarray) -> np.ndarray:
+        """Final values of rows (after the run): from the tables (local) or the store."""
+        if self.cfg.policy == "local":
+            slots = torch.from_numpy(self.offsets[key_table(keys)] + key_row(keys))
+            return self.cache.rows[slots.to(self.device)].cpu().numpy()
+        values, _ = self.store.get(keys)
+        return values
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """AUC and logloss on the eval split, after every cache has been flushed."""
+        if self.dataset.num_rows("eval") < self.cfg.batch_size // self.world:
+            return {}
+        reader = self.dataset.batches(self.local_b, seed=self.cfg.seed, shuffle=False, split="eval")
+        scores, labels = [], []
+        for j in range(min(len(reader), self.cfg.eval_batches)):
+            batch = reader[j]
+            keys = batch_keys(batch.sparse)
+            uniq, inv = np.unique(keys, return_inverse=True)
+            tmp = SlotCache(len(uniq), self.cfg.embedding_dim, self.cfg.state_width, self.device,
+                            self.cfg.optimizer, self.cfg.lr, self.cfg.eps)
+            tmp.rows[:] = torch.from_numpy(self.rows_for(uniq)).to(self.device)
+            slots = torch.from_numpy(inv.reshape(keys.shape).astype(np.int64)).to(self.device)
+            kt, _, _ = tmp.lookup(slots_kjt(self.table_names, slots))
+            logits = self.model(torch.from_numpy(batch.dense).to(self.device), kt)
+            scores.append(torch.sigmoid(logits).cpu().numpy())
+            labels.append(batch.labels)
+        s, y = np.concatenate(scores), np.concatenate(labels)
+        eps = 1e-7
+        logloss = float(-np.mean(y * np.log(s + eps) + (1 - y) * np.log(1 - s + eps)))
+        return {"eval_auc": auc(y, s), "eval_logloss": logloss, "eval_samples": int(len(y))}
+
+    def export_rows(self) -> dict:
+        """Per table: ids of every row touched and their final values (embedding and state)."""
+        if self.cfg.policy == "local":
+            idx = torch.nonzero(self.touched).squeeze(1).numpy()
+            table = np.searchsorted(self.offsets, idx, side="right") - 1
+            keys = (table.astype(np.int64) << 40) | (idx - self.offsets[table])
+            values = self.cache.rows[torch.from_numpy(idx).to(self.device)].cpu().numpy()
+        else:
+            chunks = list(self.store.scan_rows())
+            keys = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
+            values = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, self.cache.width), np.float32)
+        out = {}
+        order = np.argsort(keys, kind="stable")
+        keys, values = keys[order], values[order]
+        tables = key_table(keys)
+        for t, name in enumerate(self.table_names):
+            sel = tables == t
+            out[name] = {"ids": torch.from_numpy(key_row(keys[sel]).copy()),
+                         "weights": torch.from_numpy(values[sel, :self.cfg.embedding_dim].copy()),
+                         "state": torch.from_numpy(values[sel, self.cfg.embedding_dim:].copy())}
+        return out
+
+    def close(self) -> None:
+        if self.io is not None:
+            self.io.close()
+        if self.client is not None:
+            self.client.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def _isin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if b.numel() == 0:
+        return torch.zeros_like(a, dtype=torch.bool)
+    return torch.isin(a, b)
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve by the rank statistic (ties averaged)."""
+    labels = labels.astype(bool)
+    pos, neg = labels.sum(), (~labels).sum()
+    if pos == 0 or neg == 0:
+        return 0.5
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, start, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = start + (counts - 1) / 2.0 + 1
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bagpipe trainer", description="one trainer rank (under torchrun)")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    init_logger(f"trainer {rank}")
+    cfg = RunConfig.from_dict(json.loads((args.run_dir / "config.json").read_text()))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world)))
+    backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+    if world > 1:
+        dist.init_process_group(backend=backend)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, args.run_dir, rank, world)
+        trainer.train()
+        if world > 1:
+            dist.barrier()  # every rank's write-backs have landed before anyone reads the store
+        result = {"rank": rank, "wall_s": trainer.wall_s, "iterations": trainer.iterations,
+                  "stall_s": trainer.meters.stall_s, "compute_s": trainer.meters.compute_s,
+                  "comm_s": trainer.meters.comm_s, "rows_fetched": trainer.meters.rows_fetched,
+                  "rows_written_back": trainer.meters.rows_written_back,
+                  "train_logloss": trainer.meters.loss_sum / max(1, trainer.meters.loss_n),
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "stall_per_iteration": trainer.meters.stall_per_iteration}
+        if rank == 0:
+            result.update(trainer.evaluate())
+            model = {"dense": trainer.model.state_dict(), "tables": trainer.export_rows(),
+                     "config": cfg.to_dict()}
+            tmp = args.run_dir / "model.pt.tmp"
+            torch.save(model, tmp)
+            os.replace(tmp, args.run_dir / "model.pt")
+        tmp = args.run_dir / f"rank{rank}.json.tmp"
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, args.run_dir / f"rank{rank}.json")
+        return 0
+    except Exception as exc:
+        log.error("rank %d failed: %s", rank, exc)
+        if trainer is not None and trainer.client is not None:
+            trainer.client.error(f"rank {rank}: {exc}")
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
