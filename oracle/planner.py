@@ -123,8 +123,8 @@ class _TrainerCache:
         self.capacity = capacity
         self.bounded = bounded
         self.slot_of: dict[int, int] = {}
-        self.free: list[int] = list(range(capacity - 1, -1, -1)) if bounded else []
-        self.next_slot = 0 if not bounded else capacity
+        self.free: list[int] = []  # slots given back, reused first
+        self.next_slot = 0  # slots [0, next_slot) have been handed out at least once
         self.uses: dict[int, deque[int]] = {}  # key -> its iterations of use in the window
         self.last_use: dict[int, int] = {}
         self.freq: dict[int, int] = {}
@@ -140,7 +140,7 @@ class _TrainerCache:
     def take_slot(self) -> int | None:
         if self.free:
             return self.free.pop()
-        if not self.bounded:
+        if not self.bounded or self.next_slot < self.capacity:
             self.next_slot += 1
             return self.next_slot - 1
         return None
@@ -457,7 +457,7 @@ class Planner:
             p.join_slots = np.array([x[1] for x in join_rows[t]], dtype=np.int32)
             p.join_send = np.array([x[2] for x in join_rows[t]], dtype=np.uint8)
             p.n_join = len(join_keys)
-            p.slots_needed = c.capacity if c.bounded else c.next_slot
+            p.slots_needed = c.next_slot
         return plans
 
     def _finish_evictions(self, plans: list[Plan], evictions: list[list[tuple[int, int]]],

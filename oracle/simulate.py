@@ -1,0 +1,174 @@
+"""``bagpipe simulate``: count what each policy fetches and writes back, offline.
+
+It runs the live planner's code on the dataset's batch sequence (no store,
+no trainers), beside Belady's MIN (the offline optimum: no policy can fetch
+fewer rows), so a user can size a cache before renting machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import sys
+import time
+
+import numpy as np
+
+from oracle.planner import INF, PLANNED_POLICIES, BatchSource, Planner, PlannerConfig, PlanError, batch_keys
+
+
+def belady_fetches(batches: BatchSource, batch_size: int, trainers: int, capacity: int,
+                   bypass: bool = False, iterations: int | None = None) -> list[int]:
+    """Rows each trainer fetches under Belady's MIN with a cache of ``capacity`` rows.
+
+    Every row read at iteration i must be resident at i. Misses evict the
+    resident row used furthest in the future. With ``bypass``, a missed row
+    whose next use is further than every resident row's is read through a
+    per-batch scratch buffer instead of displacing anything (it still counts
+    as a fetch).
+    """
+    iterations = min(iterations or len(batches), len(batches))
+    local_b = batch_size // trainers
+    per_trainer: list[list[np.ndarray]] = [[] for _ in range(trainers)]
+    for i in range(iterations):
+        keys = batch_keys(batches[i])
+        for t in range(trainers):
+            per_trainer[t].append(np.unique(keys[t * local_b:(t + 1) * local_b]))
+    out = []
+    for seq in per_trainer:
+        # next use of each (iteration, key), computed backwards
+        nxt: list[list[int]] = [None] * len(seq)  # type: ignore[list-item]
+        seen: dict[int, int] = {}
+        for i in range(len(seq) - 1, -1, -1):
+            keys = seq[i].tolist()
+            nxt[i] = [seen.get(k, INF) for k in keys]
+            for k in keys:
+                seen[k] = i
+        resident: dict[int, int] = {}  # key -> next use
+        heap: list[tuple[int, int]] = []  # (-next use, key), lazy
+        fetched = 0
+        for i, keys in enumerate(seq):
+            now = set(keys.tolist())
+            for k, nu in zip(keys.tolist(), nxt[i]):
+                if k in resident:
+                    resident[k] = nu
+                    heapq.heappush(heap, (-nu, k))
+                    continue
+                fetched += 1
+                if len(resident) >= capacity:
+                    # furthest-next-use victim not read in this iteration
+                    skipped = []
+                    victim = None
+                    while heap:
+                        neg, v = heapq.heappop(heap)
+                        if resident.get(v) != -neg:
+                            continue
+                        if v in now:
+                            skipped.append((neg, v))
+                            continue
+                        victim = (neg, v)
+                        break
+                    for item in skipped:
+                        heapq.heappush(heap, item)
+                    if victim is None:
+                        raise PlanError(f"capacity {capacity} cannot hold iteration {i}'s rows")
+                    if bypass and -victim[0] < nu:
+                        heapq.heappush(heap, victim)
+                        continue  # read through the scratch buffer; keep the cache as it is
+                    del resident[victim[1]]
+                resident[k] = nu
+                heapq.heappush(heap, (-nu, k))
+        out.append(fetched)
+    return out
+
+
+def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: int, lead: int, horizon: int,
+             iterations: int, policies: list[str]) -> dict:
+    report = {}
+    for policy in policies:
+        t0 = time.perf_counter()
+        if policy in ("belady", "belady-bypass"):
+            fetched = belady_fetches(batches, batch_size, trainers, cache_rows, policy == "belady-bypass", iterations)
+            report[policy] = {"rows_fetched": int(sum(fetched)), "rows_written_back": None,
+                              "peak_resident_rows": cache_rows, "seconds": time.perf_counter() - t0}
+            continue
+        cfg = PlannerConfig(policy, cache_rows, lead, max(horizon, lead), trainers, batch_size, iterations)
+        planner = Planner(cfg, batches)
+        for _ in planner.plans():
+            pass
+        st = planner.stats
+        report[policy] = {
+            "rows_fetched": sum(s.rows_fetched for s in st),
+            "rows_joined": sum(s.rows_joined for s in st),
+            "rows_written_back": sum(s.rows_written_back for s in st),
+            "peak_resident_rows": max(s.peak_resident_rows for s in st),
+            "fetches_deferred": sum(s.fetches_deferred for s in st),
+            "seconds": time.perf_counter() - t0,
+        }
+    return report
+
+
+def write_trace(batches: BatchSource, iterations: int, path: str) -> None:
+    """The access sequence as Parquet: iteration, table, row (one line per lookup)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for i in range(iterations):
+            rows = np.asarray(batches[i], dtype=np.int64)
+            b, t = rows.shape
+            table = pa.table({"iteration": np.full(b * t, i, np.int64),
+                              "table": np.tile(np.arange(t, dtype=np.int32), b),
+                              "row": rows.reshape(-1)})
+            if writer is None:
+                writer = pq.ParquetWriter(path + ".tmp", table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    import os
+
+    os.replace(path + ".tmp", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bagpipe simulate", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a prepared dataset directory")
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--cache-rows", type=int, required=True)
+    parser.add_argument("--trainers", type=int, default=1)
+    parser.add_argument("--lead", type=int, default=2)
+    parser.add_argument("--horizon", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=0, help="0: one epoch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shuffle", default="true", choices=["true", "false"])
+    parser.add_argument("--policies", default="bagpipe,bagpipe-original,lru,lfu,belady")
+    parser.add_argument("--json", action="store_true", help="print one JSON object keyed by policy")
+    parser.add_argument("--trace-out", help="write the access sequence as Parquet")
+    args = parser.parse_args(argv)
+    from data.reader import Dataset
+
+    policies = [p for p in args.policies.split(",") if p]
+    for p in policies:
+        if p not in PLANNED_POLICIES + ("belady", "belady-bypass"):
+            print(f"bagpipe simulate: unknown policy '{p}'", file=sys.stderr)
+            return 2
+    sparse = Dataset(args.data).sparse_batches(args.batch_size, seed=args.seed, shuffle=args.shuffle == "true")
+    iterations = min(args.iterations or len(sparse), len(sparse))
+    if args.trace_out:
+        write_trace(sparse, iterations, args.trace_out)
+    try:
+        report = simulate(sparse, args.batch_size, args.cache_rows, args.trainers, args.lead, args.horizon,
+                          iterations, policies)
+    except PlanError as exc:
+        print(f"bagpipe simulate: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for p, r in report.items():
+            print(f"{p:<18} fetched {r['rows_fetched']:>10}  written back {r['rows_written_back']}  "
+                  f"peak resident {r['peak_resident_rows']}")
+    return 0

@@ -1,0 +1,105 @@
+"""The planner's invariants, on hypothesis-generated traces, checked by executing the plans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from oracle.planner import PLANNED_POLICIES, Planner, PlannerConfig, PlanError
+from oracle.replay import ReplayError, replay
+from oracle.simulate import belady_fetches
+
+
+def _trace(seed: int, iterations: int, batch: int, tables: int, rows: int, skew: float) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.zipf(skew, size=(batch, tables)) - 1) % rows for _ in range(iterations)]
+
+
+def _min_capacity(data, trainers, batch):
+    cfg = PlannerConfig("lru", 1 << 30, 0, 0, trainers, batch, len(data))
+    return Planner(cfg, data).min_cache_rows()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    policy=st.sampled_from(PLANNED_POLICIES),
+    trainers=st.sampled_from([1, 2, 3]),
+    lead=st.integers(0, 3),
+    extra_horizon=st.integers(0, 4),
+    slack=st.sampled_from([0, 3, 20, 10_000]),
+    skew=st.sampled_from([1.2, 1.6, 3.0]),
+)
+def test_plans_are_consistent_and_bounded(seed, policy, trainers, lead, extra_horizon, slack, skew):
+    batch = 6 * trainers
+    data = _trace(seed, 25, batch, 3, 40, skew)
+    capacity = _min_capacity(data, trainers, batch) + slack
+    if policy == "static":
+        capacity += 3 * batch  # room for pinned rows beside one batch's scratch
+    cfg = PlannerConfig(policy, capacity, lead, lead + extra_horizon, trainers, batch, len(data))
+    planner = Planner(cfg, data)
+    bounded = policy not in ("none", "bagpipe-original")
+    # replay checks: capacity, every read resident in its slot, no stale read,
+    # versions, and the final rows equal one table trained on the same batches.
+    replay(planner.plans(), data, trainers, batch, capacity if bounded else None)
+
+
+def test_too_small_cache_is_refused_with_the_smallest_workable_size():
+    data = _trace(0, 10, 16, 3, 1000, 1.2)
+    need = _min_capacity(data, 1, 16)
+    with pytest.raises(PlanError, match=f"smallest workable cache_rows is {need}"):
+        list(Planner(PlannerConfig("bagpipe", need - 1, 2, 4, 1, 16, 10), data).plans())
+
+
+def test_everything_fits_every_policy_fetches_each_row_once():
+    data = _trace(1, 30, 12, 3, 50, 1.4)
+    distinct = len(np.unique(np.concatenate([d + 1000 * np.arange(3) for d in data])))
+    for policy in ("bagpipe", "lru", "lfu", "lru-prefetch", "bagpipe-original"):
+        cfg = PlannerConfig(policy, distinct, 2, 30, 1, 12, 30)
+        planner = Planner(cfg, data)
+        if policy == "bagpipe-original":
+            cfg = PlannerConfig(policy, distinct, 2, 30, 1, 12, 30)
+        list(planner.plans())
+        assert planner.stats[0].rows_fetched == distinct, policy
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), slack=st.sampled_from([0, 5, 30]), horizon=st.sampled_from([2, 8, 40]))
+def test_bagpipe_never_beats_belady(seed, slack, horizon):
+    data = _trace(seed, 40, 10, 3, 60, 1.5)
+    capacity = _min_capacity(data, 1, 10) + slack
+    planner = Planner(PlannerConfig("bagpipe", capacity, 1, horizon, 1, 10, len(data)), data)
+    list(planner.plans())
+    assert planner.stats[0].rows_fetched >= belady_fetches(data, 10, 1, capacity, bypass=False)[0]
+
+
+def test_a_broken_plan_is_caught():
+    """The replay is a real check: a plan that skips a write-back is reported."""
+    data = _trace(3, 20, 8, 2, 30, 1.3)
+    capacity = _min_capacity(data, 1, 8)
+    planner = Planner(PlannerConfig("lru", capacity, 0, 0, 1, 8, 20), data)
+
+    def drop_writebacks():
+        for i, plans in planner.plans():
+            for p in plans:
+                p.evict_write = np.zeros_like(p.evict_write)
+            yield i, plans
+
+    with pytest.raises(ReplayError):
+        replay(drop_writebacks(), data, 1, 8, capacity)
+
+
+def test_planner_memory_follows_the_window_not_the_table():
+    """Rows from tables of a billion rows plan with the same state size as small tables."""
+    small = _trace(4, 60, 8, 2, 50, 1.3)
+    huge = [d * 19_999_999 for d in small]  # same pattern, ids spread over 1e9 rows
+    sizes = []
+    for data in (small, huge):
+        planner = Planner(PlannerConfig("bagpipe", 40, 2, 6, 1, 8, 60), data)
+        peak = 0
+        for _ in planner.plans():
+            c = planner.caches[0]
+            peak = max(peak, len(c.uses) + len(c.slot_of) + len(c.last_use) + len(planner.episodes))
+        sizes.append(peak)
+    assert sizes[0] == sizes[1]
