@@ -1,0 +1,57 @@
+"""Plan messages: round trip, and every kind of damage refused loudly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bagpipe.wire import KIND_CREDIT, Plan, WireError, decode_control, decode_plan, encode_control, encode_plan
+
+
+def _plan(i: int = 3, rank: int = 1) -> Plan:
+    p = Plan.empty(i, rank, 4, 3)
+    p.read_slots = np.arange(12, dtype=np.int32).reshape(4, 3)
+    p.fetch_keys = np.array([5, 7], np.int64)
+    p.fetch_versions = np.array([-1, 2], np.int64)
+    p.n_sync, p.first_fetch_id = 9, 11
+    return p
+
+
+def _frames(plan: Plan, job: str = "job") -> list[bytes]:
+    return [bytes(f) for f in encode_plan(plan, job)]
+
+
+def test_round_trip():
+    got = decode_plan(_frames(_plan()), "job", rank=1, iteration=3)
+    assert np.array_equal(got.read_slots, _plan().read_slots)
+    assert np.array_equal(got.fetch_versions, [-1, 2])
+    assert (got.n_sync, got.first_fetch_id) == (9, 11)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.__setitem__(4, b"\x00" * len(f[4])), "checksum"),
+    (lambda f: f.__setitem__(4, f[4][:-8]), "bytes"),
+    (lambda f: f.__setitem__(1, b"{not json"), "JSON"),
+    (lambda f: f.pop(), "frames"),
+    (lambda f: f.__setitem__(1, f[1].replace(b'"version":1', b'"version":9')), "protocol version"),
+])
+def test_damaged_plans_are_refused(damage, message):
+    frames = _frames(_plan())
+    damage(frames)
+    with pytest.raises(WireError, match=message):
+        decode_plan(frames, "job", rank=1, iteration=3)
+
+
+def test_wrong_iteration_rank_or_job_is_refused():
+    frames = _frames(_plan(i=3))
+    with pytest.raises(WireError, match="iteration 3 arrived when iteration 2"):
+        decode_plan(frames, "job", rank=1, iteration=2)
+    with pytest.raises(WireError, match="rank 1 delivered to rank 0"):
+        decode_plan(frames, "job", rank=0, iteration=3)
+    with pytest.raises(WireError, match="from job"):
+        decode_plan(frames, "other", rank=1, iteration=3)
+
+
+def test_control_messages():
+    kind, header = decode_control([bytes(f) for f in encode_control(KIND_CREDIT, "j", rank=2, iteration=5)], "j")
+    assert kind == KIND_CREDIT and header["iteration"] == 5 and header["rank"] == 2
