@@ -10,6 +10,7 @@ never trains on a stale row).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -40,6 +41,10 @@ class StoreIO:
         self.rows_fetched = 0
         self.rows_written = 0
         self.version_retries = 0
+        # Planted bug for `bagpipe check` (never set in normal runs): write-backs are held
+        # back one iteration and fetches ignore versions, i.e. fetch before the write-back.
+        self._mutant_stale = os.environ.get("BAGPIPE_MUTANT") == "fetch-before-writeback"
+        self._held: list[list[tuple]] = [[], []]
         self._thread = threading.Thread(target=self._run, name="store-io", daemon=True)
         self._thread.start()
 
@@ -82,6 +87,9 @@ class StoreIO:
 
     def drain(self) -> None:
         """Wait until every issued operation has run."""
+        if self._mutant_stale:
+            self._submit(("mark", self.written_through))
+            self._submit(("mark", self.written_through))
         deadline = time.monotonic() + max(self.wait_timeout_s, 60.0)
         with self._cv:
             while self._ops or self._pending_writes:
@@ -121,12 +129,15 @@ class StoreIO:
                 if kind == "get":
                     self._get(*op[1:])
                 elif kind == "put":
-                    _, keys, values, version = op
-                    self.store.put(keys, values, version)
-                    self.rows_written += len(keys)
-                    with self._cv:
-                        self._pending_writes -= 1
+                    if self._mutant_stale:
+                        self._held[1].append(op)
+                    else:
+                        self._put(op)
                 else:
+                    if self._mutant_stale:
+                        for held in self._held[0]:
+                            self._put(held)
+                        self._held = [self._held[1], []]
                     self.written_through = op[1]
                 with self._cv:
                     self._ops.popleft()
@@ -136,7 +147,16 @@ class StoreIO:
                 self._error = exc
                 self._cv.notify_all()
 
+    def _put(self, op: tuple) -> None:
+        _, keys, values, version = op
+        self.store.put(keys, values, version)
+        self.rows_written += len(keys)
+        with self._cv:
+            self._pending_writes -= 1
+
     def _get(self, first_id: int, keys: np.ndarray, min_versions: np.ndarray) -> None:
+        if self._mutant_stale:
+            min_versions = np.full_like(min_versions, -1)
         values, versions = self.store.get(keys)
         deadline = time.monotonic() + self.wait_timeout_s
         stale = np.flatnonzero(versions < min_versions)

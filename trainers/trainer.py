@@ -146,6 +146,8 @@ class Trainer:
         self.dense_params = [p for p in self.model.parameters()]
         self.dense_opt = torch.optim.Adagrad(self.dense_params, lr=cfg.dense_lr)
         self.meters = Meters()
+        # Planted bug for `bagpipe check` (never set in normal runs).
+        self.mutant_skip_sync = os.environ.get("BAGPIPE_MUTANT") == "skip-sync"
         self.store = None
         self.io = None
         self.client = None
@@ -270,6 +272,8 @@ class Trainer:
         recv = ~send
         if recv.any():
             self.cache.write(join_slots[recv], join_view[join_pos[recv]])
+        if self.mutant_skip_sync:
+            return uniq, local_grads
         # Rows to update: local rows with their own gradients, then synced rows with the sums.
         slots = torch.cat([uniq[~_isin(uniq, sync_slots)], sync_slots])
         grads = torch.cat([local_grads[~_isin(uniq, sync_slots)], sync_view[sync_pos]])

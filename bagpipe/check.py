@@ -1,0 +1,251 @@
+"""``bagpipe check``: every cached run must train the model synchronous training trains.
+
+The reference is policy ``local`` in one process (every table in memory).
+Each variation (policy, trainers, capacity, lead and horizon, shards,
+optimizer, model) trains on the same global batches and its exported model
+is compared with the reference of the same model and optimizer:
+
+* one trainer: identical bits (the cached arithmetic is the reference's);
+* several trainers: only the order of floating-point sums differs (the
+  all-reduce adds per-rank partial sums), bounded by ``MULTI_RTOL`` relative
+  to each tensor's largest magnitude.
+
+Planted mutants (a trainer that skips the gradient combine, one that fetches
+before its write-backs have landed) must be caught: the harness fails if a
+mutant passes, which shows the tolerance is tight enough to matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bagpipe.config import ConfigError, RunConfig
+from bagpipe.log import init_logger
+
+log = logging.getLogger("bagpipe")
+
+MULTI_RTOL = 1e-4  # several trainers: max |a - b| / max |b| per tensor (see docs/consistency.md)
+
+
+@dataclass
+class Variation:
+    name: str
+    overrides: dict
+    mutant: str = ""  # a planted bug the harness must catch
+
+    def trainers(self, base: RunConfig) -> int:
+        return int(self.overrides.get("trainers", base.trainers))
+
+
+@dataclass
+class Comparison:
+    max_abs: dict[str, float] = field(default_factory=dict)
+    max_rel: dict[str, float] = field(default_factory=dict)
+    rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def worst_rel(self) -> float:
+        return max(self.max_rel.values(), default=0.0)
+
+    def worst_abs(self) -> float:
+        return max(self.max_abs.values(), default=0.0)
+
+
+def compare_models(ref: dict, got: dict) -> Comparison:
+    """Per table and for the dense parameters: largest absolute and relative differences."""
+    cmp = Comparison()
+    dense_abs, dense_rel = 0.0, 0.0
+    for name, tensor in ref["dense"].items():
+        other = got["dense"].get(name)
+        if other is None or other.shape != tensor.shape:
+            cmp.problems.append(f"dense tensor {name} missing or of another shape")
+            continue
+        a, r = _diff(tensor, other)
+        dense_abs, dense_rel = max(dense_abs, a), max(dense_rel, r)
+    cmp.max_abs["dense"], cmp.max_rel["dense"] = dense_abs, dense_rel
+    for table, ref_rows in ref["tables"].items():
+        got_rows = got["tables"].get(table)
+        if got_rows is None:
+            cmp.problems.append(f"table {table} missing")
+            continue
+        if not torch.equal(ref_rows["ids"], got_rows["ids"]):
+            missing = np.setdiff1d(ref_rows["ids"].numpy(), got_rows["ids"].numpy())
+            extra = np.setdiff1d(got_rows["ids"].numpy(), ref_rows["ids"].numpy())
+            cmp.problems.append(f"table {table}: touched rows differ ({len(missing)} missing, {len(extra)} extra)")
+            continue
+        cmp.rows += len(ref_rows["ids"])
+        a1, r1 = _diff(ref_rows["weights"], got_rows["weights"])
+        a2, r2 = _diff(ref_rows["state"], got_rows["state"])
+        cmp.max_abs[table], cmp.max_rel[table] = max(a1, a2), max(r1, r2)
+    return cmp
+
+
+def _diff(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    if ref.numel() == 0:
+        return 0.0, 0.0
+    d = (ref.double() - got.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    return d, (d / scale if scale > 0 else d)
+
+
+def verdict(cmp: Comparison, exact: bool) -> bool:
+    if cmp.problems:
+        return False
+    if exact:
+        return cmp.worst_abs() == 0.0
+    return cmp.worst_rel() <= MULTI_RTOL
+
+
+def matrix(name: str, base: RunConfig, min_cache: int, all_rows: int) -> list[Variation]:
+    """The variations to run; ``small`` fits in make test, ``full`` covers every axis."""
+    v = [Variation(f"policy={p}", {"policy": p, "trainers": 1})
+         for p in ("none", "lru", "lfu", "lru-prefetch", "static", "bagpipe", "bagpipe-original")]
+    v += [
+        Variation("bagpipe trainers=2", {"policy": "bagpipe", "trainers": 2}),
+        Variation("bagpipe trainers=3", {"policy": "bagpipe", "trainers": 3}),
+        Variation("local trainers=2", {"policy": "local", "trainers": 2}),
+        Variation(f"bagpipe cache_rows={min_cache} (one batch)", {"policy": "bagpipe", "trainers": 2, "cache_rows": min_cache}),
+        Variation(f"bagpipe cache_rows={all_rows} (all fit)", {"policy": "bagpipe", "trainers": 1, "cache_rows": all_rows}),
+        Variation("bagpipe lead=0 horizon=0", {"policy": "bagpipe", "trainers": 1, "lead": 0, "horizon": 0}),
+        Variation("bagpipe lead=4 horizon=16", {"policy": "bagpipe", "trainers": 2, "lead": 4, "horizon": 16}),
+        Variation("bagpipe shards=1", {"policy": "bagpipe", "trainers": 1, "shards": 1}),
+        Variation("bagpipe shards=3", {"policy": "bagpipe", "trainers": 2, "shards": 3}),
+        Variation("bagpipe optimizer=sgd", {"policy": "bagpipe", "trainers": 2, "optimizer": "sgd"}),
+        Variation("bagpipe model=dcn", {"policy": "bagpipe", "trainers": 1, "model": "dcn"}),
+        Variation("MUTANT skip gradient combine", {"policy": "bagpipe", "trainers": 2}, mutant="skip-sync"),
+        Variation("MUTANT fetch before write-back", {"policy": "lru", "trainers": 1, "cache_rows": min_cache},
+                  mutant="fetch-before-writeback"),
+    ]
+    if name == "full":
+        v += [Variation(f"policy={p} trainers=3", {"policy": p, "trainers": 3})
+              for p in ("none", "lru", "lfu", "lru-prefetch", "static", "bagpipe-original")]
+        v += [
+            Variation("bagpipe trainers=3 cache=one batch", {"policy": "bagpipe", "trainers": 3, "cache_rows": min_cache}),
+            Variation("bagpipe sgd trainers=3 lead=1", {"policy": "bagpipe", "trainers": 3, "optimizer": "sgd", "lead": 1, "horizon": 2}),
+            Variation("bagpipe dcn trainers=2", {"policy": "bagpipe", "trainers": 2, "model": "dcn"}),
+            Variation("bagpipe store latency 2ms", {"policy": "bagpipe", "trainers": 2, "store_latency_us": 2000}),
+        ]
+    return v
+
+
+def _sizes(cfg: RunConfig) -> tuple[int, int]:
+    """(smallest workable cache, distinct rows) per trainer for this config's batches."""
+    from data.reader import Dataset
+    from oracle.planner import batch_keys
+
+    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle)
+    iterations = cfg.iterations or len(sparse)
+    most, seen = 0, set()
+    for i in range(iterations):
+        keys = batch_keys(sparse[i])
+        most = max(most, len(np.unique(keys)))
+        seen.update(np.unique(keys).tolist())
+    return most, len(seen)
+
+
+def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | None = None) -> list[dict]:
+    from bagpipe.export import load_model
+    from bagpipe.job import run_job
+
+    min_cache, all_rows = _sizes(cfg)
+    results = []
+    references: dict[tuple[str, str], dict] = {}
+
+    def reference(model: str, optimizer: str) -> dict:
+        key = (model, optimizer)
+        if key not in references:
+            rd = work / f"reference-{model}-{optimizer}"
+            run_job(cfg.replace(policy="local", trainers=1, model=model, optimizer=optimizer), rd, quiet=True)
+            references[key] = load_model(rd)
+        return references[key]
+
+    for n, var in enumerate(matrix(matrix_name, cfg, min_cache, all_rows)):
+        if only and not any(o in var.name for o in only):
+            continue
+        vcfg = cfg.replace(**var.overrides)
+        rd = work / f"variation-{n:02d}"
+        env_before = os.environ.get("BAGPIPE_MUTANT")
+        if var.mutant:
+            os.environ["BAGPIPE_MUTANT"] = var.mutant
+        error = ""
+        try:
+            run_job(vcfg, rd, quiet=True)
+        except Exception as exc:  # a run that stops with an error is a verdict too
+            error = str(exc).splitlines()[0]
+        finally:
+            if env_before is None:
+                os.environ.pop("BAGPIPE_MUTANT", None)
+            else:
+                os.environ["BAGPIPE_MUTANT"] = env_before
+        exact = vcfg.trainers == 1
+        row = {"variation": var.name, "exact": exact, "mutant": var.mutant}
+        if error:
+            row.update(ok=False, error=error, rows=0, max_abs={}, max_rel={})
+        else:
+            cmp = compare_models(reference(vcfg.model, vcfg.optimizer), load_model(rd))
+            row.update(ok=verdict(cmp, exact), rows=cmp.rows, max_abs=cmp.max_abs, max_rel=cmp.max_rel,
+                       problems=cmp.problems)
+        # A mutant passes the check only by being caught.
+        row["passed"] = (not row["ok"]) if var.mutant else row["ok"]
+        results.append(row)
+        log.info("%-45s %s", var.name, "ok" if row["passed"] else "FAILED")
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    lines = [f"{'variation':<45} {'rows':>7} {'dense abs':>10} {'dense rel':>10} {'tables abs':>10} "
+             f"{'tables rel':>10}  verdict"]
+    for r in results:
+        tables_abs = max((v for k, v in r["max_abs"].items() if k != "dense"), default=0.0)
+        tables_rel = max((v for k, v in r["max_rel"].items() if k != "dense"), default=0.0)
+        if r["mutant"]:
+            word = "caught" if r["passed"] else "MUTANT NOT CAUGHT"
+        elif r["passed"]:
+            word = "identical" if r["exact"] else f"ok (<= {MULTI_RTOL:g} rel)"
+        else:
+            word = "FAILED" + (f": {r['error']}" if r.get("error") else "")
+        lines.append(f"{r['variation']:<45} {r['rows']:>7} {r['max_abs'].get('dense', 0):>10.2e} "
+                     f"{r['max_rel'].get('dense', 0):>10.2e} {tables_abs:>10.2e} {tables_rel:>10.2e}  {word}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bagpipe check", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--matrix", choices=["small", "full"], default="small")
+    parser.add_argument("--iterations", type=int, help="iterations per run (default: the config's)")
+    parser.add_argument("--only", action="append", help="run only variations whose name contains this")
+    parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    init_logger("check")
+    try:
+        cfg = RunConfig.load(args.config, args.set)
+        if args.iterations:
+            cfg = cfg.replace(iterations=args.iterations)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bagpipe-check-") as tmp:
+        work = args.work_dir or Path(tmp)
+        results = run_check(cfg, args.matrix, work, args.only)
+    print(format_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    failed = [r["variation"] for r in results if not r["passed"]]
+    if failed:
+        print(f"\n{len(failed)} of {len(results)} variations failed: {', '.join(failed)}")
+        return 1
+    print(f"\nall {len(results)} variations passed")
+    return 0
