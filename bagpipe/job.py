@@ -77,7 +77,8 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     (run_dir / "job_id").write_text(uuid.uuid4().hex)
-    for old in list(run_dir.glob("rank*.json")) + [run_dir / "model.pt", run_dir / "metrics.json"]:
+    for old in (list(run_dir.glob("rank*.json")) + list(run_dir.glob("rank*.pid"))
+                + [run_dir / "model.pt", run_dir / "metrics.json"]):
         old.unlink(missing_ok=True)
     servers = None
     children: list[Child] = []
@@ -108,6 +109,11 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False) -> dict:
                        "--nproc-per-node", str(cfg.trainers), "--master-addr", "127.0.0.1",
                        "--master-port", str(free_port()), "--module", "trainers.trainer", "--run-dir", str(run_dir)]
         children.append(_spawn("trainers", trainer_cmd, run_dir / "trainers.log"))
+        # Every pid this job started, for operators and for tests that check nothing is left behind.
+        pids = {c.name: c.proc.pid for c in children}
+        if servers is not None:
+            pids.update({f"redis{i}": pid for i, pid in enumerate(servers.pids)})
+        (run_dir / "pids.json").write_text(json.dumps(pids))
         _watch(children, run_dir, quiet)
     finally:
         _stop(children)

@@ -233,7 +233,8 @@ class Trainer:
         self.dense_opt.step()
         self.cache.apply_gradients(slots, grads)
         if self.cfg.policy == "local":
-            self.touched[uniq.cpu()] = True
+            # Every row updated here, including rows only other ranks read (synced).
+            self.touched[slots.cpu()] = True
         m.compute_s += time.perf_counter() - t1
         if self.io is not None:
             self._evict(i, plan)
@@ -383,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     init_logger(f"trainer {rank}")
+    (args.run_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
     cfg = RunConfig.from_dict(json.loads((args.run_dir / "config.json").read_text()))
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world)))
