@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +20,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from bagpipe.checkpoint import CheckpointError
 from bagpipe.config import ConfigError, RunConfig
 from bagpipe.log import init_logger
+from bagpipe.procs import new_session_dying_with_parent
 
 log = logging.getLogger("bagpipe")
 
@@ -64,22 +67,63 @@ def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
 def _spawn(name: str, cmd: list[str], log_path: Path) -> Child:
     out = open(log_path, "ab")
     # A new session per child, so stopping it reaches its own children (torchrun's ranks).
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=new_session_dying_with_parent)
     out.close()
     return Child(name, proc)
 
 
-def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False) -> dict:
-    """Run one job to completion in ``run_dir``; returns the merged metrics."""
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
+    """Write the run's config and a new job id; returns the first iteration to run."""
+    from bagpipe.checkpoint import Checkpoints, fingerprint, load_manifest
+
     if not cfg.data or not (Path(cfg.data) / "meta.json").exists():
         raise ConfigError(f"config key 'data': {cfg.data!r} is not a prepared dataset (no meta.json); "
                           "run `bagpipe data prepare` first")
+    start = 0
+    if resume:
+        latest = Checkpoints(run_dir).latest()
+        if latest is None:
+            raise JobError(f"--resume: no checkpoint in {run_dir}/checkpoints (config key 'checkpoint_every' "
+                           f"is {cfg.checkpoint_every})")
+        data_hash = json.loads((Path(cfg.data) / "meta.json").read_text()).get("content_hash", "")
+        manifest = load_manifest(latest, fingerprint(cfg.to_dict(), data_hash))
+        start = manifest["iteration"] + 1
+        log.info("resuming from the checkpoint after iteration %d (%s)", manifest["iteration"], latest.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     (run_dir / "job_id").write_text(uuid.uuid4().hex)
     for old in (list(run_dir.glob("rank*.json")) + list(run_dir.glob("rank*.pid"))
                 + [run_dir / "model.pt", run_dir / "metrics.json"]):
         old.unlink(missing_ok=True)
+    if not resume:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return start
+
+
+def _fill_store(cfg: RunConfig, urls: list[str], run_dir: Path, start: int) -> None:
+    """A fresh job starts from an empty store; a resumed one from its checkpoint's rows."""
+    from bagpipe.checkpoint import Checkpoints, read_rows
+    from bagpipe.store import EmbeddingStore
+
+    store = EmbeddingStore(cfg.store_config(), urls, cfg.embedding_dim, cfg.state_width, [1])
+    try:
+        store.flush_all()
+        if start > 0:
+            rows = 0
+            for keys, values in read_rows(Checkpoints(run_dir).latest()):
+                if values.shape[1] != store.width:
+                    raise JobError(f"the checkpoint holds rows of {values.shape[1]} floats; this job expects "
+                                   f"{store.width} (config keys 'embedding_dim' and 'optimizer')")
+                store.put(keys, values, -1)
+                rows += len(keys)
+            log.info("loaded %d rows from the checkpoint into the store", rows)
+    finally:
+        store.close()
+
+
+def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = False) -> dict:
+    """Run one job to completion in ``run_dir`` (or the rest of it, from its last checkpoint)."""
+    start = _prepare_run_dir(cfg, run_dir, resume)
     servers = None
     children: list[Child] = []
     started = time.perf_counter()
@@ -87,27 +131,24 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False) -> dict:
         endpoints: dict = {"redis": [], "oracle": ""}
         if cfg.policy != "local":
             if cfg.redis_urls or cfg.redis_cluster_url:
-                endpoints["redis"] = list(cfg.redis_urls)
+                endpoints["redis"] = list(cfg.redis_urls) or [cfg.redis_cluster_url]
             else:
                 from bagpipe.servers import RedisServers
 
                 servers = RedisServers(cfg.store_config(), run_dir / "redis")
                 servers.start()
                 endpoints["redis"] = list(servers.urls)
-            from bagpipe.store import EmbeddingStore
-
-            # A fresh job starts from an empty store: every row at its initial value.
-            probe = EmbeddingStore(cfg.store_config(), endpoints["redis"], cfg.embedding_dim, cfg.state_width, [1])
-            probe.flush_all()
-            probe.close()
+            _fill_store(cfg, endpoints["redis"], run_dir, start)
             host = cfg.oracle_bind.split("//", 1)[-1].rsplit(":", 1)[0]
             endpoints["oracle"] = f"tcp://{host}:{free_port(host)}"
             children.append(_spawn("oracle", [sys.executable, "-m", "bagpipe", "oracle", "--run-dir", str(run_dir),
-                                              "--endpoint", endpoints["oracle"]], run_dir / "oracle.log"))
+                                              "--endpoint", endpoints["oracle"], "--start", str(start)],
+                                   run_dir / "oracle.log"))
         (run_dir / "endpoints.json").write_text(json.dumps(endpoints))
         trainer_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                        "--nproc-per-node", str(cfg.trainers), "--master-addr", "127.0.0.1",
-                       "--master-port", str(free_port()), "--module", "trainers.trainer", "--run-dir", str(run_dir)]
+                       "--master-port", str(free_port()), "--module", "trainers.trainer", "--run-dir", str(run_dir),
+                       "--start", str(start)]
         children.append(_spawn("trainers", trainer_cmd, run_dir / "trainers.log"))
         # Every pid this job started, for operators and for tests that check nothing is left behind.
         pids = {c.name: c.proc.pid for c in children}
@@ -147,11 +188,13 @@ def _watch(children: list[Child], run_dir: Path, quiet: bool) -> None:
 def _merge_metrics(cfg: RunConfig, run_dir: Path, wall_s: float) -> dict:
     ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(cfg.trainers)]
     iterations = ranks[0]["iterations"]
+    ran = iterations - ranks[0].get("start", 0)  # a resumed launch runs only the rest
     train_wall = max(r["wall_s"] for r in ranks)
     metrics = {
         "policy": cfg.policy,
         "iterations": iterations,
-        "samples_per_s": iterations * cfg.batch_size / train_wall,
+        "resumed_from": ranks[0].get("start", 0) - 1 if ranks[0].get("start", 0) else None,
+        "samples_per_s": ran * cfg.batch_size / max(train_wall, 1e-9),
         "wall_s": wall_s,
         "train_wall_s": train_wall,
         "train_logloss": ranks[0]["train_logloss"],
@@ -181,13 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="TOML config file (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--run-dir", type=Path, help="where logs, metrics and the model go (default runs/<time>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the job in --run-dir from its last checkpoint (its config.json, plus --set)")
     args = parser.parse_args(argv)
     init_logger("job")
     try:
-        cfg = RunConfig.load(args.config, args.set)
+        if args.resume:
+            if args.run_dir is None or not (args.run_dir / "config.json").exists():
+                raise JobError("--resume needs the --run-dir of an earlier run (with its config.json)")
+            saved = json.loads((args.run_dir / "config.json").read_text())
+            cfg = RunConfig.load(args.config, args.set) if args.config else RunConfig.from_dict(saved)
+            if args.set and not args.config:
+                cfg = RunConfig.load(None, [f"{k}={json.dumps(v)}" for k, v in saved.items()] + args.set)
+        else:
+            cfg = RunConfig.load(args.config, args.set)
         run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        metrics = run_job(cfg, run_dir)
-    except (ConfigError, JobError) as exc:
+        metrics = run_job(cfg, run_dir, resume=args.resume)
+    except (ConfigError, JobError, CheckpointError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

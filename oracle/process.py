@@ -21,7 +21,9 @@ from bagpipe.config import RunConfig
 from bagpipe.log import init_logger
 from bagpipe.wire import (KIND_CREDIT, KIND_END, KIND_ERROR, KIND_HELLO, WireError, decode_control,
                           encode_control, encode_plan)
-from oracle.planner import Planner, PlannerConfig
+import numpy as np
+
+from oracle.planner import BatchSource, Planner, PlannerConfig, PlanError
 
 log = logging.getLogger("bagpipe")
 
@@ -35,10 +37,73 @@ def planner_config(cfg: RunConfig, iterations: int) -> PlannerConfig:
                          trainers=cfg.trainers, batch_size=cfg.batch_size, iterations=iterations)
 
 
+class _Shifted:
+    """Batches [start, stop) of a batch source, renumbered from 0."""
+
+    def __init__(self, batches: BatchSource, start: int, stop: int) -> None:
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        return self.batches[self.start + i]
+
+
+class SegmentedPlans:
+    """The plan stream of a run, one planner per checkpoint segment.
+
+    With checkpoints every N iterations, iterations are planned in segments
+    [0, N), [N, 2N), ...; each segment's planner starts with empty caches and
+    its last plan evicts and writes back every row. So the plans after a
+    checkpoint are the same whether the run went on or was resumed from it,
+    and a checkpoint needs nothing from the oracle but its position. Plans
+    are renumbered to absolute iterations (and so are the write-back versions
+    that fetches wait for).
+    """
+
+    def __init__(self, cfg: RunConfig, batches: BatchSource, iterations: int, start: int = 0) -> None:
+        self.cfg, self.batches, self.iterations, self.start = cfg, batches, iterations, start
+        every = cfg.checkpoint_every or iterations
+        self.bounds: list[tuple[int, int]] = []
+        lo = start
+        while lo < iterations:
+            hi = min((lo // every + 1) * every, iterations)
+            self.bounds.append((lo, hi))
+            lo = hi
+        self.planner: Planner | None = None
+        self.offset = 0
+        self.stats: list = []
+
+    def plans(self):
+        for lo, hi in self.bounds:
+            self.offset = lo
+            self.planner = Planner(planner_config(self.cfg, hi - lo), _Shifted(self.batches, lo, hi))
+            for i, plans in self.planner.plans():
+                for p in plans:
+                    p.iteration = i + lo
+                    if len(p.fetch_versions):
+                        p.fetch_versions = np.where(p.fetch_versions >= 0, p.fetch_versions + lo, p.fetch_versions)
+                yield i + lo, plans
+            self._add_stats(self.planner.stats)
+
+    def note_writebacks_applied(self, through_iteration: int) -> None:
+        if self.planner is not None:
+            self.planner.note_writebacks_applied(through_iteration - self.offset)
+
+    def _add_stats(self, stats: list) -> None:
+        if not self.stats:
+            self.stats = [dict(vars(s)) for s in stats]
+            return
+        for total, s in zip(self.stats, stats):
+            for k, v in vars(s).items():
+                total[k] = max(total[k], v) if k.startswith("peak") else total[k] + v
+
+
 class OracleServer:
     """Streams a planner's plans to N trainers with credit-based flow control."""
 
-    def __init__(self, planner: Planner, job: str, endpoint: str, trainers: int, max_ahead: int,
+    def __init__(self, planner: SegmentedPlans, job: str, endpoint: str, trainers: int, max_ahead: int,
                  timeout_s: float) -> None:
         self.planner, self.job, self.trainers = planner, job, trainers
         self.max_ahead, self.timeout_s = max_ahead, timeout_s
@@ -52,8 +117,8 @@ class OracleServer:
             raise OracleError(f"oracle cannot bind {endpoint}: {exc}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.identity: dict[int, bytes] = {}
-        self.done = [-1] * trainers  # last iteration each trainer finished
-        self.written_through = [-1] * trainers  # each trainer's landed write-backs
+        self.done = [planner.start - 1] * trainers  # last iteration each trainer finished
+        self.written_through = [planner.start - 1] * trainers  # each trainer's landed write-backs
 
     def _recv(self, timeout_s: float) -> tuple[bytes, bytes, dict] | None:
         if not self.sock.poll(int(timeout_s * 1000)):
@@ -126,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe oracle", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument("--start", type=int, default=0, help="first iteration to plan (a resumed run)")
     args = parser.parse_args(argv)
     init_logger("oracle")
     cfg = RunConfig.from_dict(json.loads((args.run_dir / "config.json").read_text()))
@@ -134,16 +200,15 @@ def main(argv: list[str] | None = None) -> int:
 
     sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle)
     iterations = cfg.iterations or len(sparse)
-    planner = Planner(planner_config(cfg, iterations), sparse)
-    server = OracleServer(planner, job, args.endpoint, cfg.trainers, cfg.max_ahead, cfg.plan_timeout_s)
+    stream = SegmentedPlans(cfg, sparse, iterations, start=args.start)
+    server = OracleServer(stream, job, args.endpoint, cfg.trainers, cfg.max_ahead, cfg.plan_timeout_s)
     error = None
     try:
         server.serve()
-        stats = [vars(s) for s in planner.stats]
-        (args.run_dir / "oracle_stats.json").write_text(json.dumps(stats, indent=1))
-        log.info("planned %d iterations", planner.iterations)
+        (args.run_dir / "oracle_stats.json").write_text(json.dumps(stream.stats, indent=1))
+        log.info("planned iterations %d..%d", args.start, iterations - 1)
         return 0
-    except (OracleError, WireError) as exc:
+    except (OracleError, WireError, PlanError) as exc:
         error = str(exc)
         log.error("%s", exc)
         return 1

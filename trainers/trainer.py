@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from bagpipe.checkpoint import Checkpoints, checkpoint_due, fingerprint, load_manifest, read_rows
 from bagpipe.config import RunConfig
 from bagpipe.keys import initial_rows, key_row, key_table
 from bagpipe.log import init_logger
+from bagpipe.procs import die_with_parent
 from bagpipe.wire import KIND_END, KIND_ERROR, KIND_HELLO, KIND_CREDIT, Plan, WireError, decode_control, decode_plan, encode_control
 from oracle.planner import batch_keys
 from trainers.cache import SlotCache, slots_kjt
@@ -127,10 +129,11 @@ class Meters:
 class Trainer:
     """The training loop of one rank."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, world: int, start: int = 0) -> None:
         from data.reader import Dataset
 
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
+        self.start = start  # first iteration of this launch (> 0: resumed from a checkpoint)
         self.device = pick_device(cfg.device)
         self.dataset = Dataset(cfg.data)
         self.table_names = [name for name, _ in self.dataset.tables]
@@ -172,6 +175,8 @@ class Trainer:
             job = (run_dir / "job_id").read_text().strip()
             self.client = PlanClient(endpoints["oracle"], job, rank, cfg.plan_timeout_s)
             self.plans = self.client
+        if start > 0:
+            self._restore()
 
     def _init_local_tables(self) -> None:
         offset = 0
@@ -188,11 +193,13 @@ class Trainer:
         cfg = self.cfg
         started = time.perf_counter()
         report_every = max(1, self.iterations // 20)
-        for i in range(self.iterations):
+        for i in range(self.start, self.iterations):
             plan = self.plans.next_plan(i)
             self.step(i, plan)
             if self.client is not None:
                 self.client.credit(i, self.io.written_through)
+            if checkpoint_due(i, cfg.checkpoint_every, self.iterations - 1):
+                self.checkpoint(i)
             if self.rank == 0 and (i + 1) % report_every == 0:
                 el = time.perf_counter() - started
                 log.info("iteration %d/%d  %.0f samples/s  loss %.4f  stall %.2fs", i + 1, self.iterations,
@@ -201,6 +208,61 @@ class Trainer:
         if self.io is not None:
             self.io.drain()
         self.wall_s = time.perf_counter() - started
+
+    # ------------------------------------------------------------ checkpoints
+    def _fingerprint(self) -> dict:
+        return fingerprint(self.cfg.to_dict(), self.dataset.meta.get("content_hash", ""))
+
+    def checkpoint(self, i: int) -> None:
+        """Checkpoint after iteration i: one barrier for embeddings, optimizer state and dense state.
+
+        Checkpoints fall on the oracle's segment ends, where every cached row
+        has been evicted and handed to the writer; draining the writer on every
+        rank and then a barrier means the store holds every row's value after i.
+        """
+        t0 = time.perf_counter()
+        if self.io is not None:
+            self.io.drain()
+        if self.world > 1:
+            dist.barrier()
+        if self.rank == 0:
+            dense = {"model": self.model.state_dict(), "optimizer": self.dense_opt.state_dict(),
+                     "torch_rng": torch.get_rng_state(), "iteration": i}
+            path = Checkpoints(self.run_dir).write(i, self._fingerprint(), dense, self._stored_rows())
+            log.info("checkpoint after iteration %d: %s (%.2fs)", i, path.name, time.perf_counter() - t0)
+        if self.world > 1:
+            dist.barrier()
+
+    def _stored_rows(self):
+        """Every row changed so far, in chunks of (keys, values)."""
+        if self.cfg.policy != "local":
+            yield from self.store.scan_rows()
+            return
+        idx = torch.nonzero(self.touched).squeeze(1).numpy()
+        for lo in range(0, len(idx), 1 << 18):
+            part = idx[lo:lo + (1 << 18)]
+            table = np.searchsorted(self.offsets, part, side="right") - 1
+            keys = (table.astype(np.int64) << 40) | (part - self.offsets[table])
+            yield keys, self.cache.rows[torch.from_numpy(part).to(self.device)].cpu().numpy()
+
+    def _restore(self) -> None:
+        """Dense state from the latest checkpoint; ``local`` also takes its rows from it (others: the store)."""
+        path = Checkpoints(self.run_dir).latest()
+        if path is None:
+            raise TrainerError(f"no checkpoint in {self.run_dir} to resume from")
+        manifest = load_manifest(path, self._fingerprint())
+        if manifest["iteration"] != self.start - 1:
+            raise TrainerError(f"checkpoint {path.name} is after iteration {manifest['iteration']}, "
+                               f"expected {self.start - 1}")
+        dense = torch.load(path / "dense.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(dense["model"])
+        self.dense_opt.load_state_dict(dense["optimizer"])
+        torch.set_rng_state(dense["torch_rng"])
+        if self.cfg.policy == "local":
+            for keys, values in read_rows(path):
+                slots = torch.from_numpy(self.offsets[key_table(keys)] + key_row(keys))
+                self.cache.write(slots.to(self.device), torch.from_numpy(values).to(self.device))
+                self.touched[slots] = True
 
     def step(self, i: int, plan: Plan) -> None:
         m = self.meters
@@ -381,9 +443,11 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe trainer", description="one trainer rank (under torchrun)")
     parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--start", type=int, default=0, help="first iteration (a resumed run)")
     args = parser.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     init_logger(f"trainer {rank}")
+    die_with_parent()  # torchrun killed outright must not leave ranks waiting for plans
     (args.run_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
     cfg = RunConfig.from_dict(json.loads((args.run_dir / "config.json").read_text()))
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -393,11 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend=backend)
     trainer = None
     try:
-        trainer = Trainer(cfg, args.run_dir, rank, world)
+        trainer = Trainer(cfg, args.run_dir, rank, world, start=args.start)
         trainer.train()
         if world > 1:
             dist.barrier()  # every rank's write-backs have landed before anyone reads the store
-        result = {"rank": rank, "wall_s": trainer.wall_s, "iterations": trainer.iterations,
+        result = {"rank": rank, "wall_s": trainer.wall_s, "iterations": trainer.iterations, "start": trainer.start,
                   "stall_s": trainer.meters.stall_s, "compute_s": trainer.meters.compute_s,
                   "comm_s": trainer.meters.comm_s, "rows_fetched": trainer.meters.rows_fetched,
                   "rows_written_back": trainer.meters.rows_written_back,

@@ -1,0 +1,506 @@
+"""The embedding servers: local ``redis-server`` processes, as shards or a Redis Cluster.
+
+``RedisServers`` starts ``cfg.shards`` independent servers (the store spreads
+rows over them by key hash); ``RedisClusterServers`` starts N >= 3 masters and
+joins them into a Redis Cluster. Both own exactly the processes they start:
+``stop()`` ends those pids and nothing else, and each child is asked by the
+kernel to exit when its launcher dies (``PR_SET_PDEATHSIG``), so a launcher
+killed with SIGKILL leaves no server behind.
+
+Each server reads a config file written into its own directory with mode
+0600: the password (``requirepass``) is read from the environment variable
+named by ``cfg.password_env`` and written there, never onto a command line
+where ``ps`` would show it.
+
+``bagpipe servers ...`` (``main``) starts servers for a multi-node job, prints
+their URLs and waits for SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import ctypes
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import redis
+
+from bagpipe.config import ConfigError, StoreConfig
+from bagpipe.log import init_logger
+
+log = logging.getLogger("bagpipe.servers")
+
+# Start-up (and AOF reload) may take a while; running commands use cfg.timeout_s.
+START_TIMEOUT_FACTOR = 6.0
+PORT_TRIES = 3  # fresh ports to try when a picked free port was taken meanwhile
+_PR_SET_PDEATHSIG = 1
+
+
+class ServersError(RuntimeError):
+    """A redis-server that could not be started, joined or stopped; names the shard and port."""
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from ``$BAGPIPE_REDIS_SERVER`` or PATH."""
+    return _binary("BAGPIPE_REDIS_SERVER", "redis-server")
+
+
+def redis_cli_binary() -> str:
+    """``redis-cli`` from ``$BAGPIPE_REDIS_CLI``, beside redis-server, or PATH."""
+    if os.environ.get("BAGPIPE_REDIS_CLI"):
+        return _binary("BAGPIPE_REDIS_CLI", "redis-cli")
+    try:
+        sibling = Path(redis_server_binary()).with_name("redis-cli")
+        if sibling.exists():
+            return str(sibling)
+    except ServersError:
+        pass
+    return _binary("BAGPIPE_REDIS_CLI", "redis-cli")
+
+
+def _binary(env: str, name: str) -> str:
+    path = os.environ.get(env) or shutil.which(name)
+    if not path or not os.access(path, os.X_OK):
+        where = f"${env}={os.environ[env]!r}" if os.environ.get(env) else "PATH"
+        raise ServersError(f"{name} binary not found ({where}); install Redis >= 6 (e.g. apt-get install redis-server) "
+                           f"or set ${env}")
+    return path
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url_host(host: str) -> str:
+    """A host as it appears in a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct ports free on ``host`` right now (another process may still take one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _conf_string(text: str) -> str:
+    """A redis.conf string argument that survives any byte (spaces, quotes, '#')."""
+    return '"' + "".join(f"\\x{b:02x}" for b in text.encode()) + '"'
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get SIGTERM when its launcher dies.
+
+    The kernel sends the signal when the *thread* that forked the child
+    exits, so servers should be started from a long-lived thread (the main
+    thread in ``bagpipe run`` and ``bagpipe servers``).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no dlopen in the child
+    parent = os.getpid()
+
+    def setup() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+class _RedisProcesses:
+    """Start, watch and stop a set of redis-server processes, one directory each."""
+
+    kind = "shard"
+
+    def __init__(self, cfg: StoreConfig, workdir: Path) -> None:
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.host = cfg.host
+        self.ports: list[int] = []
+        self.bus_ports: list[int] = []
+        self._procs: list[subprocess.Popen | None] = []
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- public
+    @property
+    def count(self) -> int:
+        return self.cfg.shards
+
+    @property
+    def urls(self) -> list[str]:
+        """``redis://host:port/0`` per server; never with the password in it."""
+        return [f"redis://{url_host(self.host)}:{p}/0" for p in self.ports]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None]
+
+    def start(self) -> None:
+        """Start every server and wait until each answers PING; on failure stop those started."""
+        if self._procs:
+            raise ServersError("servers already started")
+        binary = redis_server_binary()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not is_loopback(self.host) and not self.cfg.password:
+            log.warning("redis-server bound to %s without a password: anyone on that network can read and "
+                        "write the embeddings (set $%s)", self.host, self.cfg.password_env)
+        atexit.register(self.stop)
+        try:
+            for attempt in range(PORT_TRIES):
+                self.ports, self.bus_ports = self._pick_ports()
+                self._procs = [self._launch(binary, i) for i in range(self.count)]
+                try:
+                    for i in range(self.count):
+                        self._wait_ready(i)
+                    break
+                except _PortTaken as exc:
+                    self.stop()
+                    self._procs = []
+                    if self.cfg.base_port or attempt == PORT_TRIES - 1:
+                        raise ServersError(str(exc)) from None
+                    log.info("%s; trying other ports", exc)
+            self._after_start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("started %d redis-server %ss: %s (pids %s, persistence %s)", self.count, self.kind,
+                 " ".join(self.urls), self.pids, self.cfg.persistence)
+
+    def stop(self) -> None:
+        """Stop exactly the processes started here: SIGTERM, then SIGKILL after a timeout. Idempotent."""
+        with self._lock:
+            live = [p for p in self._procs if p is not None and p.poll() is None]
+            for p in live:
+                _signal(p, signal.SIGTERM)
+            deadline = time.monotonic() + max(5.0, self.cfg.timeout_s)
+            for p in live:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("redis-server pid %d ignored SIGTERM; killing it", p.pid)
+                    _signal(p, signal.SIGKILL)
+                    p.wait()
+        atexit.unregister(self.stop)
+
+    def restart_shard(self, i: int) -> None:
+        """Start server ``i`` again on the same port and directory (its AOF, if any, reloads)."""
+        if not 0 <= i < len(self._procs):
+            raise ServersError(f"no {self.kind} {i}: {len(self._procs)} started")
+        old = self._procs[i]
+        if old is not None and old.poll() is None:
+            _signal(old, signal.SIGTERM)
+            try:
+                old.wait(max(5.0, self.cfg.timeout_s))
+            except subprocess.TimeoutExpired:
+                _signal(old, signal.SIGKILL)
+                old.wait()
+        self._procs[i] = self._launch(redis_server_binary(), i)
+        try:
+            self._wait_ready(i)
+        except _PortTaken as exc:
+            raise ServersError(str(exc)) from None
+        atexit.register(self.stop)
+
+    def alive(self) -> list[bool]:
+        return [p is not None and p.poll() is None for p in self._procs]
+
+    def __enter__(self) -> "_RedisProcesses":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --------------------------------------------------------------- internal
+    def _pick_ports(self) -> tuple[list[int], list[int]]:
+        n = self.count
+        if self.cfg.base_port:
+            ports = [self.cfg.base_port + i for i in range(n)]
+            if ports[-1] > 65535:
+                raise ServersError(f"base_port {self.cfg.base_port} + {n} shards runs past port 65535")
+            return ports, []
+        return free_ports(self.host, n), []
+
+    def _shard_dir(self, i: int) -> Path:
+        return self.workdir / f"shard-{i}"
+
+    def _conf_lines(self, i: int) -> list[str]:
+        cfg = self.cfg
+        d = self._shard_dir(i)
+        lines = [
+            f"bind {self.host}",
+            f"port {self.ports[i]}",
+            f"dir {_conf_string(str(d.resolve()))}",
+            "daemonize no",
+            'save ""',  # no RDB snapshots: durability, when wanted, comes from the AOF
+            "databases 1",
+            # Start-up and shutdown must not wait on a failed background save.
+            "stop-writes-on-bgsave-error no",
+        ]
+        if cfg.persistence == "appendonly":
+            lines += ["appendonly yes", f"appendfsync {cfg.appendfsync}"]
+        else:
+            lines += ["appendonly no"]
+        password = cfg.password
+        if password:
+            lines.append(f"requirepass {_conf_string(password)}")
+            if not is_loopback(self.host):
+                # Protected mode refuses remote clients; with a password they are authenticated anyway.
+                lines.append("protected-mode no")
+        return lines
+
+    def _launch(self, binary: str, i: int) -> subprocess.Popen:
+        d = self._shard_dir(i)
+        d.mkdir(parents=True, exist_ok=True)
+        conf = d / "redis.conf"
+        text = "\n".join(self._conf_lines(i)) + "\n"
+        # Created 0600 before anything is written: the file may hold the password.
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        log_file = open(d / "redis.log", "ab")
+        try:
+            return subprocess.Popen([binary, str(conf)], stdin=subprocess.DEVNULL, stdout=log_file,
+                                    stderr=subprocess.STDOUT, cwd=d, start_new_session=True,
+                                    preexec_fn=_die_with_parent())
+        except OSError as exc:
+            raise ServersError(f"cannot start {binary} for {self.kind} {i} on {self.host}:{self.ports[i]}: "
+                               f"{exc}") from None
+        finally:
+            log_file.close()
+
+    def _client(self, i: int, timeout: float) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.ports[i], password=self.cfg.password,
+                           socket_timeout=timeout, socket_connect_timeout=timeout,
+                           retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+
+    def _wait_ready(self, i: int) -> None:
+        """Wait until server ``i`` answers PING (a dataset still loading counts as not yet)."""
+        proc = self._procs[i]
+        where = f"{self.host}:{self.ports[i]}"
+        deadline = time.monotonic() + max(10.0, self.cfg.timeout_s * START_TIMEOUT_FACTOR)
+        last = ""
+        while True:
+            rc = proc.poll()
+            if rc is not None:
+                tail = self._log_tail(i)
+                if "Address already in use" in tail or "bind" in tail.lower() and "in use" in tail:
+                    raise _PortTaken(f"port {self.ports[i]} on {self.host} for {self.kind} {i} is already in use")
+                raise ServersError(f"redis-server for {self.kind} {i} on {where} exited with code {rc} "
+                                   f"during start-up: {tail or '(no output)'} (log: {self._shard_dir(i) / 'redis.log'})")
+            client = self._client(i, 1.0)
+            try:
+                if client.ping():
+                    return
+            except redis.exceptions.AuthenticationError as exc:
+                raise ServersError(f"authentication failed for {self.kind} {i} at {where}: {exc}") from None
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                    redis.exceptions.BusyLoadingError) as exc:
+                last = str(exc)
+            finally:
+                client.close()
+            if time.monotonic() > deadline:
+                raise ServersError(f"redis-server for {self.kind} {i} on {where} did not answer PING within "
+                                   f"{deadline - time.monotonic() + max(10.0, self.cfg.timeout_s * START_TIMEOUT_FACTOR):.0f}s"
+                                   f" ({last})")
+            time.sleep(0.02)
+
+    def _log_tail(self, i: int, lines: int = 3) -> str:
+        try:
+            text = (self._shard_dir(i) / "redis.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+    def _after_start(self) -> None:
+        pass
+
+
+class _PortTaken(ServersError):
+    pass
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+class RedisServers(_RedisProcesses):
+    """``cfg.shards`` independent redis-server processes on ``cfg.host``.
+
+    Ports are ``cfg.base_port + i`` when set, else free ports. With
+    ``persistence = "appendonly"`` each shard keeps an append-only file in
+    ``workdir/shard-i`` and ``restart_shard(i)`` reloads it.
+    """
+
+
+class RedisClusterServers(_RedisProcesses):
+    """A Redis Cluster of ``cfg.shards`` (>= 3) masters, no replicas, created with ``redis-cli --cluster``."""
+
+    kind = "cluster node"
+
+    def __init__(self, cfg: StoreConfig, workdir: Path) -> None:
+        if cfg.shards < 3:
+            raise ServersError(f"a Redis Cluster needs at least 3 masters; shards = {cfg.shards}")
+        super().__init__(cfg, workdir)
+
+    @property
+    def cluster_url(self) -> str:
+        """A node to bootstrap from (any node would do: clients discover the rest)."""
+        return self.urls[0]
+
+    def _pick_ports(self) -> tuple[list[int], list[int]]:
+        n = self.count
+        if self.cfg.base_port:
+            ports = [self.cfg.base_port + i for i in range(n)]
+            bus = [p + 10000 for p in ports]  # Redis's own default bus port
+            if bus[-1] > 65535:
+                raise ServersError(f"base_port {self.cfg.base_port}: cluster bus ports (port + 10000) run past 65535")
+            return ports, bus
+        ports = free_ports(self.host, 2 * n)
+        return ports[:n], ports[n:]
+
+    def _conf_lines(self, i: int) -> list[str]:
+        return super()._conf_lines(i) + [
+            "cluster-enabled yes",
+            "cluster-config-file nodes.conf",  # relative to the shard's dir
+            f"cluster-port {self.bus_ports[i]}",
+            "cluster-node-timeout 5000",
+        ]
+
+    def _after_start(self) -> None:
+        """Join the nodes (slots spread evenly) and wait until every node reports cluster_state:ok."""
+        if not self._cluster_ok(0):
+            env = dict(os.environ)
+            env.pop("REDISCLI_AUTH", None)
+            if self.cfg.password:
+                env["REDISCLI_AUTH"] = self.cfg.password  # not -a: argv is visible to every user
+            cmd = [redis_cli_binary(), "--cluster", "create",
+                   *[f"{self.host}:{p}" for p in self.ports], "--cluster-replicas", "0", "--cluster-yes"]
+            limit = max(30.0, self.cfg.timeout_s * START_TIMEOUT_FACTOR)
+            try:
+                out = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                     timeout=limit)
+            except subprocess.TimeoutExpired:
+                raise ServersError(f"redis-cli --cluster create did not finish within {limit:.0f}s") from None
+            if out.returncode != 0:
+                tail = " | ".join((out.stdout + out.stderr).strip().splitlines()[-3:])
+                raise ServersError(f"redis-cli --cluster create on ports {self.ports} failed: {tail}")
+        deadline = time.monotonic() + max(30.0, self.cfg.timeout_s * START_TIMEOUT_FACTOR)
+        for i in range(self.count):
+            while not self._cluster_ok(i):
+                if time.monotonic() > deadline:
+                    raise ServersError(f"cluster node {i} at {self.host}:{self.ports[i]} did not reach "
+                                       "cluster_state:ok")
+                time.sleep(0.1)
+
+    def _cluster_ok(self, i: int) -> bool:
+        client = self._client(i, max(1.0, self.cfg.timeout_s))
+        try:
+            info = client.execute_command("CLUSTER INFO")
+        except redis.exceptions.RedisError:
+            return False
+        finally:
+            client.close()
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return "cluster_state:ok" in text
+
+    def restart_shard(self, i: int) -> None:
+        super().restart_shard(i)
+        deadline = time.monotonic() + max(30.0, self.cfg.timeout_s * START_TIMEOUT_FACTOR)
+        while not self._cluster_ok(i):
+            if time.monotonic() > deadline:
+                raise ServersError(f"cluster node {i} at {self.host}:{self.ports[i]} did not rejoin the cluster")
+            time.sleep(0.1)
+
+
+# ------------------------------------------------------------------ command
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bagpipe servers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", type=int, default=2, help="servers to start (cluster: masters, >= 3)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (other nodes connect to it)")
+    p.add_argument("--base-port", type=int, default=0, help="ports base-port + i (default: free ports)")
+    p.add_argument("--persistence", choices=("off", "appendonly"), default="off")
+    p.add_argument("--appendfsync", choices=("always", "everysec", "no"), default="everysec")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="working directory (default: a temporary one, removed at exit; required with appendonly)")
+    p.add_argument("--cluster", action="store_true", help="join the servers into a Redis Cluster")
+    p.add_argument("--password-env", default="BAGPIPE_REDIS_PASSWORD",
+                   help="environment variable holding the password (unset: no password)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for socket operations")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start servers, print their URLs (one a line, then one JSON line), wait for SIGTERM/SIGINT, stop them."""
+    args = _parse(list(sys.argv[1:] if argv is None else argv))
+    init_logger("servers")
+    try:
+        cfg = StoreConfig(shards=args.shards, host=args.host, base_port=args.base_port,
+                          persistence=args.persistence, appendfsync=args.appendfsync,
+                          password_env=args.password_env, timeout_s=args.timeout)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.dir is None and cfg.persistence == "appendonly":
+        log.error("--persistence appendonly needs --dir (where the append-only files survive)")
+        return 2
+    workdir = args.dir or Path(tempfile.mkdtemp(prefix="bagpipe-redis-"))
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    servers = (RedisClusterServers if args.cluster else RedisServers)(cfg, workdir)
+    try:
+        servers.start()
+        for url in servers.urls:
+            print(url)
+        info = {"urls": servers.urls, "pids": servers.pids, "dir": str(workdir),
+                "cluster_url": servers.cluster_url if args.cluster else ""}
+        print(json.dumps(info), flush=True)
+        while not stop.wait(0.5):
+            dead = [i for i, ok in enumerate(servers.alive()) if not ok]
+            if dead:
+                log.error("redis-server %s %s at %s exited; stopping the others", servers.kind, dead[0],
+                          servers.urls[dead[0]])
+                return 1
+        return 0
+    except ServersError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        servers.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if args.dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
