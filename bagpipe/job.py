@@ -7,6 +7,7 @@ Ctrl-C, and as soon as any of them dies (the message names which).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from bagpipe.checkpoint import CheckpointError
 from bagpipe.config import ConfigError, RunConfig
 from bagpipe.log import init_logger
 from bagpipe.procs import new_session_dying_with_parent
+from bagpipe.rendezvous import Rendezvous, RendezvousError
 
 log = logging.getLogger("bagpipe")
 
@@ -90,11 +92,7 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
         start = manifest["iteration"] + 1
         log.info("resuming from the checkpoint after iteration %d (%s)", manifest["iteration"], latest.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    (run_dir / "job_id").write_text(uuid.uuid4().hex)
-    for old in (list(run_dir.glob("rank*.json")) + list(run_dir.glob("rank*.pid"))
-                + [run_dir / "model.pt", run_dir / "metrics.json"]):
-        old.unlink(missing_ok=True)
+    _write_run_files(run_dir, cfg, uuid.uuid4().hex)
     if not resume:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return start
@@ -121,50 +119,181 @@ def _fill_store(cfg: RunConfig, urls: list[str], run_dir: Path, start: int) -> N
         store.close()
 
 
-def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = False) -> dict:
-    """Run one job to completion in ``run_dir`` (or the rest of it, from its last checkpoint)."""
-    start = _prepare_run_dir(cfg, run_dir, resume)
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where this node's part of a job runs, in torchrun's vocabulary (see docs/multinode.md).
+
+    One node (the default) starts everything on loopback. With several, node
+    0 hosts the rendezvous store at ``master_addr:rendezvous_port`` and the
+    oracle; nodes with ``shards_per_node`` start redis-server shards on
+    ``host``; every node starts torchrun for its ``nproc_per_node`` trainers.
+    """
+
+    nnodes: int = 1
+    node_rank: int = 0
+    nproc_per_node: int = 0  # 0: the config's 'trainers' (one node)
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # torchrun's; 0: a free port (one node only)
+    rendezvous_port: int = 0  # ours; 0: master_port + 1 (several nodes) or a free port (one node)
+    host: str = "127.0.0.1"  # the address this node's oracle and shards bind
+    shards_per_node: int = -1  # -1: the config's 'shards' on node 0 unless redis_urls are given
+    redis_urls: tuple[str, ...] = ()
+    join_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} is not in [0, {self.nnodes})")
+        if self.nnodes > 1 and not self.master_port:
+            raise ConfigError("--master-port (MASTER_PORT) is required with several nodes")
+        if self.nnodes > 1 and self.nproc_per_node < 1:
+            raise ConfigError("--nproc-per-node (NPROC_PER_NODE) is required with several nodes")
+        for name in ("master_port", "rendezvous_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ConfigError(f"--{name.replace('_', '-')}: not a port: {getattr(self, name)}")
+        if self.join_timeout_s <= 0:
+            raise ConfigError("--join-timeout must be > 0")
+
+    def shards_here(self, cfg: RunConfig) -> int:
+        if cfg.policy == "local":
+            return 0
+        if self.shards_per_node >= 0:
+            return self.shards_per_node
+        external = self.redis_urls or cfg.redis_urls or cfg.redis_cluster_url
+        return cfg.shards if self.node_rank == 0 and not external else 0
+
+
+def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = False,
+            launch: LaunchConfig | None = None) -> dict:
+    """Run this node's part of a job to completion (or the rest of it, from its last checkpoint).
+
+    Returns the merged metrics on node 0 and this node's own elsewhere.
+    """
+    launch = launch or LaunchConfig()
+    master = launch.node_rank == 0
+    single = launch.nnodes == 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rdzv_port = launch.rendezvous_port or (free_port(launch.master_addr) if single else launch.master_port + 1)
+    rdzv = Rendezvous(launch.master_addr, rdzv_port, master, launch.join_timeout_s)
+    node = f"node {launch.node_rank}"
     servers = None
     children: list[Child] = []
-    started = time.perf_counter()
     try:
-        endpoints: dict = {"redis": [], "oracle": ""}
-        if cfg.policy != "local":
-            if cfg.redis_urls or cfg.redis_cluster_url:
-                endpoints["redis"] = list(cfg.redis_urls) or [cfg.redis_cluster_url]
-            else:
-                from bagpipe.servers import RedisServers
+        # 1. Node 0 decides the job: config, id, first iteration.
+        if master:
+            if not single:
+                cfg = cfg.replace(trainers=launch.nnodes * launch.nproc_per_node)
+            start = _prepare_run_dir(cfg, run_dir, resume)
+            job = {"config": cfg.to_dict(), "job_id": (run_dir / "job_id").read_text(), "start": start}
+            rdzv.publish("job", job)
+        else:
+            job = rdzv.get("job", who=f"the job description from node 0 ({launch.master_addr})")
+            cfg = RunConfig.from_dict(job["config"])
+            start = job["start"]
+            _write_run_files(run_dir, cfg, job["job_id"])
+        # 2. Every node starts the shards it was asked for and says where they are.
+        shards = launch.shards_here(cfg)
+        urls: list[str] = []
+        if shards:
+            from bagpipe.servers import RedisServers
 
-                servers = RedisServers(cfg.store_config(), run_dir / "redis")
-                servers.start()
-                endpoints["redis"] = list(servers.urls)
-            _fill_store(cfg, endpoints["redis"], run_dir, start)
-            host = cfg.oracle_bind.split("//", 1)[-1].rsplit(":", 1)[0]
-            endpoints["oracle"] = f"tcp://{host}:{free_port(host)}"
-            children.append(_spawn("oracle", [sys.executable, "-m", "bagpipe", "oracle", "--run-dir", str(run_dir),
-                                              "--endpoint", endpoints["oracle"], "--start", str(start)],
-                                   run_dir / "oracle.log"))
+            store_cfg = dataclasses.replace(cfg.store_config(), shards=shards, host=launch.host)
+            servers = RedisServers(store_cfg, run_dir / "redis")
+            servers.start()
+            urls = list(servers.urls)
+        rdzv.publish(f"shards/{launch.node_rank}", urls)
+        # 3. Node 0 gathers the shards, fills the store, starts the oracle and publishes the endpoints.
+        if master:
+            endpoints = {"redis": [], "oracle": ""}
+            if cfg.policy != "local":
+                endpoints["redis"] = list(launch.redis_urls or cfg.redis_urls) or (
+                    [cfg.redis_cluster_url] if cfg.redis_cluster_url else [])
+                for r in range(launch.nnodes):
+                    endpoints["redis"] += rdzv.get(f"shards/{r}", who=f"node {r} (it never joined)")
+                if not endpoints["redis"]:
+                    raise JobError("no embedding servers: give --redis URL or --shards-per-node S")
+                _fill_store(cfg, endpoints["redis"], run_dir, start)
+                host = launch.host if not single else cfg.oracle_bind.split("//", 1)[-1].rsplit(":", 1)[0]
+                port = int(cfg.oracle_bind.rsplit(":", 1)[-1]) or free_port(host)
+                endpoints["oracle"] = f"tcp://{host}:{port}"
+                children.append(_spawn("oracle", [sys.executable, "-m", "bagpipe", "oracle", "--run-dir",
+                                                  str(run_dir), "--endpoint", endpoints["oracle"],
+                                                  "--start", str(start)], run_dir / "oracle.log"))
+            rdzv.publish("endpoints", endpoints)
+        else:
+            endpoints = rdzv.get("endpoints", who="the endpoints from node 0")
         (run_dir / "endpoints.json").write_text(json.dumps(endpoints))
-        trainer_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                       "--nproc-per-node", str(cfg.trainers), "--master-addr", "127.0.0.1",
-                       "--master-port", str(free_port()), "--module", "trainers.trainer", "--run-dir", str(run_dir),
-                       "--start", str(start)]
+        # 4. torchrun for this node's trainers.
+        nproc = launch.nproc_per_node or cfg.trainers
+        master_port = launch.master_port or free_port(launch.master_addr)
+        trainer_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launch.nnodes),
+                       "--node-rank", str(launch.node_rank), "--nproc-per-node", str(nproc),
+                       "--master-addr", launch.master_addr, "--master-port", str(master_port),
+                       "--module", "trainers.trainer", "--run-dir", str(run_dir), "--start", str(start)]
         children.append(_spawn("trainers", trainer_cmd, run_dir / "trainers.log"))
-        # Every pid this job started, for operators and for tests that check nothing is left behind.
+        # Every pid this node started, for operators and for tests that check nothing is left behind.
         pids = {c.name: c.proc.pid for c in children}
         if servers is not None:
             pids.update({f"redis{i}": pid for i, pid in enumerate(servers.pids)})
         (run_dir / "pids.json").write_text(json.dumps(pids))
-        _watch(children, run_dir, quiet)
+        try:
+            _watch(children, run_dir, quiet, lambda: _other_node_failed(rdzv, launch))
+        except JobError as exc:
+            rdzv.publish(f"failed/{launch.node_rank}", str(exc).splitlines()[0])
+            raise
+        # 5. Results: every node hands its ranks' figures to node 0; shards stay up until node 0 is done.
+        mine = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank*.json"))]
+        rdzv.publish(f"ranks/{launch.node_rank}", mine)
+        if master:
+            ranks = []
+            for r in range(launch.nnodes):
+                ranks += rdzv.get(f"ranks/{r}", who=f"the results of node {r}")
+            metrics = _merge_metrics(cfg, ranks, run_dir, time.perf_counter() - started)
+            rdzv.publish("finished", True)
+            return metrics
+        _wait_finished(rdzv, launch)
+        return {"node": launch.node_rank, "ranks": mine}
     finally:
         _stop(children)
         if servers is not None:
             servers.stop()
-    return _merge_metrics(cfg, run_dir, time.perf_counter() - started)
+        log.debug("%s stopped everything it started", node)
 
 
-def _watch(children: list[Child], run_dir: Path, quiet: bool) -> None:
-    """Wait for the trainers; stop at the first child that fails, naming it."""
+def _write_run_files(run_dir: Path, cfg: RunConfig, job_id: str) -> None:
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (run_dir / "job_id").write_text(job_id)
+    for old in (list(run_dir.glob("rank*.json")) + list(run_dir.glob("rank*.pid"))
+                + [run_dir / "model.pt", run_dir / "metrics.json"]):
+        old.unlink(missing_ok=True)
+
+
+def _other_node_failed(rdzv: Rendezvous, launch: LaunchConfig) -> str | None:
+    for r in range(launch.nnodes):
+        if r != launch.node_rank:
+            msg = rdzv.poll(f"failed/{r}")
+            if msg is not None:
+                return f"node {r} failed: {msg}"
+    return None
+
+
+def _wait_finished(rdzv: Rendezvous, launch: LaunchConfig) -> None:
+    """Keep this node's shards up until node 0 has read every row (or failed)."""
+    deadline = time.monotonic() + max(launch.join_timeout_s, 600.0)
+    while time.monotonic() < deadline:
+        if rdzv.poll("finished") is not None:
+            return
+        failed = _other_node_failed(rdzv, launch)
+        if failed:
+            raise JobError(failed)
+        time.sleep(0.2)
+    raise JobError(f"node 0 did not finish within {deadline:g}s after this node's trainers")
+
+
+def _watch(children: list[Child], run_dir: Path, quiet: bool, elsewhere=lambda: None) -> None:
+    """Wait for the trainers; stop at the first child that fails (or other node), naming it."""
     trainers = children[-1]
     log_path = run_dir / "trainers.log"
     shown = 0
@@ -182,11 +311,16 @@ def _watch(children: list[Child], run_dir: Path, quiet: bool) -> None:
                 raise JobError(f"{c.name} (pid {c.proc.pid}) exited with code {rc}:\n  " + "\n  ".join(tail))
         if trainers.proc.poll() == 0:
             return
+        failed = elsewhere()
+        if failed:
+            raise JobError(failed)
         time.sleep(0.2)
 
 
-def _merge_metrics(cfg: RunConfig, run_dir: Path, wall_s: float) -> dict:
-    ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(cfg.trainers)]
+def _merge_metrics(cfg: RunConfig, ranks: list[dict], run_dir: Path, wall_s: float) -> dict:
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    if [r["rank"] for r in ranks] != list(range(cfg.trainers)):
+        raise JobError(f"results came from ranks {[r['rank'] for r in ranks]}, expected 0..{cfg.trainers - 1}")
     iterations = ranks[0]["iterations"]
     ran = iterations - ranks[0].get("start", 0)  # a resumed launch runs only the rest
     train_wall = max(r["wall_s"] for r in ranks)
@@ -219,16 +353,42 @@ def format_report(m: dict) -> str:
             f"rows fetched {m['rows_fetched']}, written back {m['rows_written_back']}")
 
 
+def _launch_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    g = parser.add_argument_group("several nodes (torchrun's vocabulary; defaults from the environment)")
+    g.add_argument("--nnodes", type=int, default=int(env("NNODES", 1)))
+    g.add_argument("--node-rank", type=int, default=int(env("NODE_RANK", 0)))
+    g.add_argument("--nproc-per-node", type=int, default=int(env("NPROC_PER_NODE", 0)),
+                   help="trainers on this node (default: the config's 'trainers' on one node)")
+    g.add_argument("--master-addr", default=env("MASTER_ADDR", "127.0.0.1"))
+    g.add_argument("--master-port", type=int, default=int(env("MASTER_PORT", 0)))
+    g.add_argument("--rdzv-port", type=int, default=int(env("BAGPIPE_RDZV_PORT", 0)),
+                   help="node 0's endpoint store (default MASTER_PORT + 1)")
+    g.add_argument("--host", default=env("BAGPIPE_HOST", "127.0.0.1"),
+                   help="the address this node's oracle and redis-server shards bind")
+    g.add_argument("--shards-per-node", type=int, default=int(env("SHARDS_PER_NODE", -1)))
+    g.add_argument("--redis", nargs="+", default=[], metavar="URL",
+                   help="existing embedding servers, redis://host:port/0 each")
+    g.add_argument("--redis-cluster", default="", metavar="URL", help="a node of an existing Redis Cluster")
+    g.add_argument("--join-timeout", type=float, default=float(env("BAGPIPE_JOIN_TIMEOUT", 120)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bagpipe run", description="run a training job on this node")
-    parser.add_argument("--config", type=Path, help="TOML config file (see configs/)")
+    parser = argparse.ArgumentParser(prog="bagpipe run", description="run a training job (this node's part)")
+    parser.add_argument("--config", type=Path, help="TOML config file (see configs/); node 0 only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--run-dir", type=Path, help="where logs, metrics and the model go (default runs/<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the job in --run-dir from its last checkpoint (its config.json, plus --set)")
+    _launch_args(parser)
     args = parser.parse_args(argv)
     init_logger("job")
     try:
+        launch = LaunchConfig(nnodes=args.nnodes, node_rank=args.node_rank, nproc_per_node=args.nproc_per_node,
+                              master_addr=args.master_addr, master_port=args.master_port,
+                              rendezvous_port=args.rdzv_port, host=args.host,
+                              shards_per_node=args.shards_per_node, join_timeout_s=args.join_timeout,
+                              redis_urls=tuple(args.redis))
         if args.resume:
             if args.run_dir is None or not (args.run_dir / "config.json").exists():
                 raise JobError("--resume needs the --run-dir of an earlier run (with its config.json)")
@@ -238,14 +398,19 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = RunConfig.load(None, [f"{k}={json.dumps(v)}" for k, v in saved.items()] + args.set)
         else:
             cfg = RunConfig.load(args.config, args.set)
+        if args.redis:
+            cfg = cfg.replace(redis_urls=tuple(args.redis))
+        if args.redis_cluster:
+            cfg = cfg.replace(redis_cluster_url=args.redis_cluster)
         run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        metrics = run_job(cfg, run_dir, resume=args.resume)
-    except (ConfigError, JobError, CheckpointError) as exc:
+        metrics = run_job(cfg, run_dir, resume=args.resume, launch=launch)
+    except (ConfigError, JobError, CheckpointError, RendezvousError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:
         log.error("interrupted; every process of the job was stopped")
         return 130
-    print(format_report(metrics))
+    if "policy" in metrics:
+        print(format_report(metrics))
     print(f"run directory: {run_dir}")
     return 0
