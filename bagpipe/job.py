@@ -183,7 +183,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
     try:
         # 1. Node 0 decides the job: config, id, first iteration.
         if master:
-            if not single:
+            if launch.nproc_per_node:
                 cfg = cfg.replace(trainers=launch.nnodes * launch.nproc_per_node)
             start = _prepare_run_dir(cfg, run_dir, resume)
             job = {"config": cfg.to_dict(), "job_id": (run_dir / "job_id").read_text(), "start": start}
