@@ -1,0 +1,142 @@
+"""One job over three network hosts (Linux network namespaces) trains the single-host model.
+
+Host A runs node 0 (the rendezvous store, the oracle, trainer rank 0), host
+B node 1 (trainer rank 1), host C two redis-server shards; the hosts talk
+only over veth links to a bridge, each with its own address. Every node is
+started with ``launch.sh`` and its NODE_RANK, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bagpipe.check import compare_models, verdict
+from bagpipe.config import RunConfig
+from bagpipe.export import load_model
+from bagpipe.job import run_job
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SUBNET = "10.213.77"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+class Hosts:
+    """Namespaces ``<tag>h0..`` with addresses SUBNET.1.., joined by a bridge in namespace ``<tag>br``."""
+
+    def __init__(self, count: int) -> None:
+        self.tag = f"bp{os.getpid() % 100000}"
+        self.names = [f"{self.tag}h{i}" for i in range(count)]
+        self.addrs = [f"{SUBNET}.{i + 1}" for i in range(count)]
+        self.ifaces = [f"{self.tag}v{i}" for i in range(count)]
+        self.bridge_ns = f"{self.tag}br"
+        self.made: list[str] = []
+
+    def create(self) -> None:
+        _ip("netns", "add", self.bridge_ns)
+        self.made.append(self.bridge_ns)
+        _ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.bridge_ns, "link", "set", "br0", "up")
+        for ns, addr, iface in zip(self.names, self.addrs, self.ifaces):
+            _ip("netns", "add", ns)
+            self.made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("link", "add", iface, "type", "veth", "peer", "name", iface + "b")
+            _ip("link", "set", iface, "netns", ns)
+            _ip("link", "set", iface + "b", "netns", self.bridge_ns)
+            _ip("-n", self.bridge_ns, "link", "set", iface + "b", "master", "br0")
+            _ip("-n", self.bridge_ns, "link", "set", iface + "b", "up")
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", iface)
+            _ip("-n", ns, "link", "set", iface, "up")
+
+    def delete(self) -> None:
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+    def popen(self, i: int, cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+        out = open(log, "wb")
+        try:
+            return subprocess.Popen(["ip", "netns", "exec", self.names[i], *cmd], cwd=REPO, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            out.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def hosts():
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's `ip`")
+    h = Hosts(3)
+    try:
+        h.create()
+    except (subprocess.CalledProcessError, OSError) as exc:
+        h.delete()
+        pytest.skip(f"cannot make network namespaces here: {getattr(exc, 'stderr', exc)}")
+    yield h
+    h.delete()
+
+
+def test_multinode_job_over_three_hosts_equals_one_host(hosts, small_criteo, tmp_path):
+    overrides = ["batch_size=256", "iterations=16", "cache_rows=3000", "lead=2", "horizon=6", "eval_batches=2"]
+    servers = hosts.popen(2, [sys.executable, "-m", "bagpipe", "servers", "--shards", "2", "--host",
+                              hosts.addrs[2], "--dir", str(tmp_path / "shards")], dict(os.environ),
+                          tmp_path / "servers.log")
+    nodes: list[subprocess.Popen] = []
+    try:
+        deadline = time.monotonic() + 60
+        urls: list[str] = []
+        while not urls:
+            assert servers.poll() is None, (tmp_path / "servers.log").read_text()
+            assert time.monotonic() < deadline, "shards never came up"
+            urls = [ln for ln in (tmp_path / "servers.log").read_text().split() if ln.startswith("redis://")]
+            time.sleep(0.2)
+        for rank in (0, 1):
+            env = dict(os.environ, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
+                       MASTER_ADDR=hosts.addrs[0], MASTER_PORT="29611", BAGPIPE_HOST=hosts.addrs[rank],
+                       GLOO_SOCKET_IFNAME=hosts.ifaces[rank], DATA_DIR=str(small_criteo),
+                       RUN_DIR=str(tmp_path / f"node{rank}"), BAGPIPE_JOIN_TIMEOUT="60")
+            args = ["--redis", *urls] if rank == 0 else []
+            for o in overrides if rank == 0 else []:
+                args += ["--set", o]
+            nodes.append(hosts.popen(rank, ["bash", "launch.sh", *args], env, tmp_path / f"node{rank}.log"))
+        for rank, node in enumerate(nodes):
+            try:
+                rc = node.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            assert rc == 0, f"node {rank}: {rc}\n" + (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    finally:
+        for node in nodes:
+            _stop(node)
+        _stop(servers)
+    metrics = json.loads((tmp_path / "node0" / "metrics.json").read_text())
+    assert metrics["iterations"] == 16 and metrics["rows_fetched"] > 0
+    # Each node ran one trainer: rank 1 lived on host B.
+    assert (tmp_path / "node1" / "rank1.json").exists() and not (tmp_path / "node0" / "rank1.json").exists()
+    cfg = RunConfig.load(REPO / "configs" / "default.toml", [f"data={small_criteo}", *overrides])
+    run_job(cfg.replace(trainers=2), tmp_path / "single", quiet=True)
+    cmp = compare_models(load_model(tmp_path / "single"), load_model(tmp_path / "node0"))
+    assert cmp.rows > 0
+    assert verdict(cmp, exact=False), (cmp.max_rel, cmp.problems)
