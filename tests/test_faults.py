@@ -1,0 +1,137 @@
+"""Nothing lost: kill any process after a checkpoint, resume, and get the model of a run that never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bagpipe.check import compare_models, verdict
+from bagpipe.checkpoint import CheckpointError, Checkpoints, load_manifest
+from bagpipe.config import RunConfig
+from bagpipe.export import load_model
+from bagpipe.job import run_job
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = {"batch_size": 128, "iterations": 24, "checkpoint_every": 8, "cache_rows": 2500, "lead": 2,
+            "horizon": 4, "eval_batches": 1, "redis_persistence": "appendonly", "redis_appendfsync": "always"}
+
+
+def _sets(settings: dict) -> list[str]:
+    out = []
+    for k, v in settings.items():
+        out += ["--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}"]
+    return out
+
+
+def _job(run_dir: Path, data: Path, settings: dict, resume: bool = False) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bagpipe", "run", "--run-dir", str(run_dir)]
+    cmd += ["--resume"] if resume else ["--set", f"data={data}"]
+    cmd += _sets(settings) if not resume else []
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_checkpoint(job: subprocess.Popen, run_dir: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (run_dir / "checkpoints" / "LATEST").exists():
+        assert job.poll() is None, job.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.1)
+
+
+def _finish(job: subprocess.Popen, timeout_s: float = 180) -> tuple[int, str]:
+    try:
+        out, _ = job.communicate(timeout=timeout_s)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    return job.returncode, out
+
+
+@pytest.fixture(scope="module")
+def reference(small_criteo, tmp_path_factory):
+    """The uninterrupted runs, one and two trainers."""
+    out = {}
+    for trainers in (1, 2):
+        cfg = RunConfig.load(None, [f"data={small_criteo}", f"trainers={trainers}"] +
+                             [s for s in _sets(SETTINGS) if s != "--set"])
+        rd = tmp_path_factory.mktemp(f"uninterrupted{trainers}")
+        run_job(cfg, rd, quiet=True)
+        out[trainers] = load_model(rd)
+    return out
+
+
+def _victim_pid(run_dir: Path, victim: str) -> int:
+    if victim.startswith("rank"):
+        return int((run_dir / f"{victim}.pid").read_text())
+    return json.loads((run_dir / "pids.json").read_text())[victim]
+
+
+@pytest.mark.parametrize("trainers, victim, names", [
+    (1, "rank0", "trainers"),
+    (2, "rank1", "trainers"),
+    (2, "oracle", "oracle"),
+    (1, "redis1", "shard 1"),
+    (2, "job", None),
+])
+def test_kill_then_resume_reaches_the_same_model(small_criteo, tmp_path, reference, trainers, victim, names):
+    run_dir = tmp_path / "run"
+    settings = dict(SETTINGS, trainers=trainers, store_latency_us=3000)
+    job = _job(run_dir, small_criteo, settings)
+    _wait_for_checkpoint(job, run_dir)
+    pids = json.loads((run_dir / "pids.json").read_text())
+    pid = job.pid if victim == "job" else _victim_pid(run_dir, victim)
+    os.kill(pid, signal.SIGKILL)
+    rc, out = _finish(job, timeout_s=90)
+    assert rc != 0
+    if names:
+        assert names in out, out[-3000:]
+    # Nothing is left behind, even when the job process itself was killed.
+    deadline = time.monotonic() + 20
+    alive = list(pids.values())
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.2)
+    assert alive == [], f"processes left behind: {alive}"
+    resumed = _job(run_dir, small_criteo, {}, resume=True)
+    rc, out = _finish(resumed)
+    assert rc == 0, out[-3000:]
+    assert "resuming from the checkpoint after iteration" in out
+    got = load_model(run_dir)
+    cmp = compare_models(reference[trainers], got)
+    assert verdict(cmp, exact=trainers == 1), (cmp.max_abs, cmp.problems)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_checkpoint_from_another_job_is_refused(small_criteo, tmp_path):
+    cfg = RunConfig.load(None, [f"data={small_criteo}", "trainers=1"] + [s for s in _sets(SETTINGS) if s != "--set"])
+    run_job(cfg.replace(iterations=8), tmp_path / "run", quiet=True)
+    latest = Checkpoints(tmp_path / "run").latest()
+    assert latest is not None and latest.name == "iter-000000007"
+    manifest = json.loads((latest / "manifest.json").read_text())
+    with pytest.raises(CheckpointError, match="config key 'lr'"):
+        load_manifest(latest, dict(manifest["fingerprint"], lr=0.5))
+    # A damaged file is named.
+    rows = sorted(latest.glob("rows-*.parquet"))[0]
+    rows.write_bytes(rows.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"{rows.name} is missing or damaged"):
+        load_manifest(latest, manifest["fingerprint"])
