@@ -111,7 +111,9 @@ def free_ports(host: str, count: int) -> list[int]:
 
 def _conf_string(text: str) -> str:
     """A redis.conf string argument that survives any byte (spaces, quotes, '#')."""
-    return '"' + "".join(f"\\x{b:02x}" for b in text.encode()) + '"'
+    # Printable ASCII stays readable; quotes, backslashes and any other byte become \xHH.
+    safe = (bytes([b]).decode() if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}" for b in text.encode())
+    return '"' + "".join(safe) + '"'
 
 
 def _die_with_parent() -> Callable[[], None]:
@@ -162,25 +164,26 @@ class _RedisProcesses:
 
     def start(self) -> None:
         """Start every server and wait until each answers PING; on failure stop those started."""
-        if self._procs:
+        if any(self.alive()):
             raise ServersError("servers already started")
         binary = redis_server_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not is_loopback(self.host) and not self.cfg.password:
             log.warning("redis-server bound to %s without a password: anyone on that network can read and "
                         "write the embeddings (set $%s)", self.host, self.cfg.password_env)
-        atexit.register(self.stop)
         try:
             for attempt in range(PORT_TRIES):
                 self.ports, self.bus_ports = self._pick_ports()
-                self._procs = [self._launch(binary, i) for i in range(self.count)]
+                atexit.register(self.stop)  # a launcher that returns without stop() still ends them
+                self._procs = []
+                for i in range(self.count):
+                    self._procs.append(self._launch(binary, i))
                 try:
                     for i in range(self.count):
                         self._wait_ready(i)
                     break
                 except _PortTaken as exc:
                     self.stop()
-                    self._procs = []
                     if self.cfg.base_port or attempt == PORT_TRIES - 1:
                         raise ServersError(str(exc)) from None
                     log.info("%s; trying other ports", exc)
@@ -304,13 +307,14 @@ class _RedisProcesses:
         """Wait until server ``i`` answers PING (a dataset still loading counts as not yet)."""
         proc = self._procs[i]
         where = f"{self.host}:{self.ports[i]}"
-        deadline = time.monotonic() + max(10.0, self.cfg.timeout_s * START_TIMEOUT_FACTOR)
+        limit = max(10.0, self.cfg.timeout_s * START_TIMEOUT_FACTOR)
+        deadline = time.monotonic() + limit
         last = ""
         while True:
             rc = proc.poll()
             if rc is not None:
                 tail = self._log_tail(i)
-                if "Address already in use" in tail or "bind" in tail.lower() and "in use" in tail:
+                if "already in use" in tail:
                     raise _PortTaken(f"port {self.ports[i]} on {self.host} for {self.kind} {i} is already in use")
                 raise ServersError(f"redis-server for {self.kind} {i} on {where} exited with code {rc} "
                                    f"during start-up: {tail or '(no output)'} (log: {self._shard_dir(i) / 'redis.log'})")
@@ -327,8 +331,7 @@ class _RedisProcesses:
                 client.close()
             if time.monotonic() > deadline:
                 raise ServersError(f"redis-server for {self.kind} {i} on {where} did not answer PING within "
-                                   f"{deadline - time.monotonic() + max(10.0, self.cfg.timeout_s * START_TIMEOUT_FACTOR):.0f}s"
-                                   f" ({last})")
+                                   f"{limit:.0f}s ({last})")
             time.sleep(0.02)
 
     def _log_tail(self, i: int, lines: int = 3) -> str:
@@ -371,6 +374,13 @@ class RedisClusterServers(_RedisProcesses):
         if cfg.shards < 3:
             raise ServersError(f"a Redis Cluster needs at least 3 masters; shards = {cfg.shards}")
         super().__init__(cfg, workdir)
+
+    def start(self) -> None:
+        if self.cfg.persistence == "off":
+            # A node file left by an earlier cluster in this directory names other ports and node ids.
+            for i in range(self.count):
+                (self._shard_dir(i) / "nodes.conf").unlink(missing_ok=True)
+        super().start()
 
     @property
     def cluster_url(self) -> str:
@@ -425,13 +435,12 @@ class RedisClusterServers(_RedisProcesses):
     def _cluster_ok(self, i: int) -> bool:
         client = self._client(i, max(1.0, self.cfg.timeout_s))
         try:
-            info = client.execute_command("CLUSTER INFO")
+            info = client.cluster("INFO")  # parsed by redis-py into a dict
         except redis.exceptions.RedisError:
             return False
         finally:
             client.close()
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        return "cluster_state:ok" in text
+        return str(info.get("cluster_state", "")) == "ok"
 
     def restart_shard(self, i: int) -> None:
         super().restart_shard(i)
