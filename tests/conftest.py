@@ -105,3 +105,23 @@ def store_factory() -> Iterator[Callable[..., EmbeddingStore]]:
     finally:
         for store in stores:
             store.close()
+
+
+@pytest.fixture(scope="session")
+def small_criteo(tmp_path_factory) -> Path:
+    """A prepared synthetic Criteo-format dataset for whole-job tests (40k rows, small tables).
+
+    Made through the same commands a user runs: ``bagpipe data synth`` and
+    ``bagpipe data prepare``. Tables are hashed into at most 2000 ids so
+    that short jobs reuse rows (and caches matter).
+    """
+    from data.prepare import main as prepare
+    from data.synth import main as synth
+
+    root = tmp_path_factory.mktemp("criteo")
+    assert synth(["--format", "criteo", "--rows", "40000", "--out", str(root / "raw"), "--seed", "3",
+                  "--files", "2"]) == 0
+    inputs = sorted(str(p) for p in (root / "raw").iterdir())
+    assert prepare(["--format", "criteo", "--input", *inputs, "--out", str(root / "prepared"),
+                    "--hash-buckets", "2000", "--eval-fraction", "0.05"]) == 0
+    return root / "prepared"
