@@ -115,6 +115,7 @@ def _fill_store(cfg: RunConfig, urls: list[str], run_dir: Path, start: int) -> N
                 store.put(keys, values, -1)
                 rows += len(keys)
             log.info("loaded %d rows from the checkpoint into the store", rows)
+            store.validate()
     finally:
         store.close()
 
@@ -220,7 +221,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
                 endpoints["oracle"] = f"tcp://{host}:{port}"
                 children.append(_spawn("oracle", [sys.executable, "-m", "bagpipe", "oracle", "--run-dir",
                                                   str(run_dir), "--endpoint", endpoints["oracle"],
-                                                  "--start", str(start)], run_dir / "oracle.log"))
+                                                  "--first-iteration", str(start)], run_dir / "oracle.log"))
             rdzv.publish("endpoints", endpoints)
         else:
             endpoints = rdzv.get("endpoints", who="the endpoints from node 0")
@@ -231,7 +232,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         trainer_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launch.nnodes),
                        "--node-rank", str(launch.node_rank), "--nproc-per-node", str(nproc),
                        "--master-addr", launch.master_addr, "--master-port", str(master_port),
-                       "--module", "trainers.trainer", "--run-dir", str(run_dir), "--start", str(start)]
+                       "--module", "trainers.trainer", "--run-dir", str(run_dir), "--first-iteration", str(start)]
         children.append(_spawn("trainers", trainer_cmd, run_dir / "trainers.log"))
         # Every pid this node started, for operators and for tests that check nothing is left behind.
         pids = {c.name: c.proc.pid for c in children}

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe oracle", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555")
-    parser.add_argument("--start", type=int, default=0, help="first iteration to plan (a resumed run)")
+    parser.add_argument("--first-iteration", type=int, default=0, help="first iteration to plan (a resumed run)")
     args = parser.parse_args(argv)
     init_logger("oracle")
     cfg = RunConfig.from_dict(json.loads((args.run_dir / "config.json").read_text()))
@@ -200,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
 
     sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle)
     iterations = cfg.iterations or len(sparse)
-    stream = SegmentedPlans(cfg, sparse, iterations, start=args.start)
+    stream = SegmentedPlans(cfg, sparse, iterations, start=args.first_iteration)
     server = OracleServer(stream, job, args.endpoint, cfg.trainers, cfg.max_ahead, cfg.plan_timeout_s)
     error = None
     try:
         server.serve()
         (args.run_dir / "oracle_stats.json").write_text(json.dumps(stream.stats, indent=1))
-        log.info("planned iterations %d..%d", args.start, iterations - 1)
+        log.info("planned iterations %d..%d", args.first_iteration, iterations - 1)
         return 0
     except (OracleError, WireError, PlanError) as exc:
         error = str(exc)

@@ -443,7 +443,7 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe trainer", description="one trainer rank (under torchrun)")
     parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--start", type=int, default=0, help="first iteration (a resumed run)")
+    parser.add_argument("--first-iteration", type=int, default=0, help="first iteration (a resumed run)")
     args = parser.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     init_logger(f"trainer {rank}")
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend=backend)
     trainer = None
     try:
-        trainer = Trainer(cfg, args.run_dir, rank, world, start=args.start)
+        trainer = Trainer(cfg, args.run_dir, rank, world, start=args.first_iteration)
         trainer.train()
         if world > 1:
             dist.barrier()  # every rank's write-backs have landed before anyone reads the store
