@@ -305,17 +305,31 @@ def _watch(children: list[Child], run_dir: Path, quiet: bool, elsewhere=lambda: 
                 if "[trainer 0]" in line or "Error" in line:
                     print(line, file=sys.stderr)
             shown = len(text)
-        for c in children:
-            rc = c.proc.poll()
-            if rc is not None and (rc != 0 or c is not trainers) and not (c.name == "oracle" and rc == 0):
+        if any(_failed(c, trainers) for c in children):
+            # One death usually brings down the others within moments (the oracle loses a
+            # trainer, torchrun stops the other ranks): wait briefly and name every one,
+            # the trainers first, since the oracle only reports what it lost.
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and not all(c.proc.poll() is not None for c in children):
+                time.sleep(0.1)
+            failed = sorted((c for c in children if _failed(c, trainers)), key=lambda c: c is not trainers)
+            parts = []
+            for c in failed:
                 tail = (run_dir / f"{c.name}.log").read_text(errors="replace").strip().splitlines()[-8:]
-                raise JobError(f"{c.name} (pid {c.proc.pid}) exited with code {rc}:\n  " + "\n  ".join(tail))
+                parts.append(f"{c.name} (pid {c.proc.pid}) exited with code {c.proc.poll()}:\n  " + "\n  ".join(tail))
+            raise JobError("\n".join(parts))
         if trainers.proc.poll() == 0:
             return
         failed = elsewhere()
         if failed:
             raise JobError(failed)
         time.sleep(0.2)
+
+
+def _failed(c: Child, trainers: Child) -> bool:
+    rc = c.proc.poll()
+    # The oracle ends (code 0) before the trainers finish; any other exit is a failure.
+    return rc is not None and (rc != 0 or (c is not trainers and c.name != "oracle"))
 
 
 def _merge_metrics(cfg: RunConfig, ranks: list[dict], run_dir: Path, wall_s: float) -> dict:

@@ -163,17 +163,24 @@ class OracleServer:
                     raise OracleError(f"no credit from trainer {slow} within {self.timeout_s}s (last finished iteration {self.done[slow]})")
                 self._handle(*msg)
             for t, plan in enumerate(plans):
-                self.sock.send_multipart([self.identity[t]] + encode_plan(plan, self.job), copy=False)
+                self._send(t, encode_plan(plan, self.job))
             while self.sock.poll(0):
                 self._handle(*self._recv(0))
         for t in range(self.trainers):
-            self.sock.send_multipart([self.identity[t]] + encode_control(KIND_END, self.job, rank=t))
+            self._send(t, encode_control(KIND_END, self.job, rank=t))
         last = self.planner.iterations - 1
         while min(self.done) < last:
             msg = self._recv(self.timeout_s)
             if msg is None:
                 raise OracleError("trainers did not finish after the last plan")
             self._handle(*msg)
+
+    def _send(self, rank: int, frames: list) -> None:
+        try:
+            self.sock.send_multipart([self.identity[rank]] + frames, copy=False)
+        except zmq.ZMQError as exc:
+            # ROUTER_MANDATORY: a peer whose connection closed is unreachable, not silently skipped.
+            raise OracleError(f"trainer {rank} is gone (its connection to {self.endpoint} closed: {exc})") from None
 
     def close(self, error: str | None = None) -> None:
         if error and self.identity:
