@@ -272,9 +272,11 @@ class _RedisProcesses:
         password = cfg.password
         if password:
             lines.append(f"requirepass {_conf_string(password)}")
-            if not is_loopback(self.host):
-                # Protected mode refuses remote clients; with a password they are authenticated anyway.
-                lines.append("protected-mode no")
+        if not is_loopback(self.host):
+            # Redis 7's protected mode refuses every non-loopback client while the default user
+            # has no password, whatever 'bind' says; we bound this address on purpose (and warn
+            # at start when no password protects it).
+            lines.append("protected-mode no")
         return lines
 
     def _launch(self, binary: str, i: int) -> subprocess.Popen:
