@@ -253,8 +253,15 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
                 ranks += rdzv.get(f"ranks/{r}", who=f"the results of node {r}")
             metrics = _merge_metrics(cfg, ranks, run_dir, time.perf_counter() - started)
             rdzv.publish("finished", True)
+            # The rendezvous store lives in this process: keep it until every node has seen the end.
+            for r in range(1, launch.nnodes):
+                try:
+                    rdzv.get(f"left/{r}", timeout_s=30.0, who=f"node {r}'s goodbye")
+                except RendezvousError as exc:
+                    log.warning("%s", exc)
             return metrics
         _wait_finished(rdzv, launch)
+        rdzv.publish(f"left/{launch.node_rank}", True)
         return {"node": launch.node_rank, "ranks": mine}
     finally:
         _stop(children)

@@ -49,4 +49,8 @@ class Rendezvous:
 
     def poll(self, key: str) -> object | None:
         """The value of ``key`` if it is there now, else None."""
-        return json.loads(self.store.get(key)) if self.store.check([key]) else None
+        try:
+            return json.loads(self.store.get(key)) if self.store.check([key]) else None
+        except (RuntimeError, OSError) as exc:  # DistNetworkError and kin: node 0 went away
+            raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port} (node 0 stopped?): "
+                                  f"{str(exc).splitlines()[0]}") from None

@@ -119,6 +119,11 @@ class EmbeddingStore:
             urls = list(urls) or list(cfg.urls)
             if not urls:
                 raise StoreError("no store URLs given (one redis://host:port/db per shard)")
+            seen = [mask_url(u) for u in urls]
+            for i, u in enumerate(seen):
+                if u in seen[:i]:
+                    # The same server twice would hold rows under two shard indices: refuse it.
+                    raise StoreError(f"shard {i} repeats shard {seen.index(u)}: {u} is listed twice")
             self._key_dtype = _KEY_DTYPE
             self._shards = [self._open_shard(i, u) for i, u in enumerate(urls)]
         # Rows of RESP arguments as they go on the wire: "$<len>\r\n<bytes>\r\n" per key and value.

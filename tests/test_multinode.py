@@ -110,7 +110,8 @@ def test_multinode_job_over_three_hosts_equals_one_host(hosts, small_criteo, tmp
         while not urls:
             assert servers.poll() is None, (tmp_path / "servers.log").read_text()
             assert time.monotonic() < deadline, "shards never came up"
-            urls = [ln for ln in (tmp_path / "servers.log").read_text().split() if ln.startswith("redis://")]
+            lines = (tmp_path / "servers.log").read_text().splitlines()
+            urls = next((json.loads(ln)["urls"] for ln in lines if ln.startswith("{")), [])
             time.sleep(0.2)
         for rank in (0, 1):
             env = dict(os.environ, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
