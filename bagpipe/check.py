@@ -18,6 +18,7 @@ mutant passes, which shows the tolerance is tight enough to matter.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,8 @@ class Variation:
     name: str
     overrides: dict
     mutant: str = ""  # a planted bug the harness must catch
+    fault: str = ""  # an injected fault (bagpipe.faults): harmless, or caught with an error saying ...
+    caught_by: str = ""  # ... this (empty: the model must equal the reference)
 
     def trainers(self, base: RunConfig) -> int:
         return int(self.overrides.get("trainers", base.trainers))
@@ -122,6 +125,22 @@ def matrix(name: str, base: RunConfig, min_cache: int, all_rows: int) -> list[Va
         Variation("bagpipe shards=3", {"policy": "bagpipe", "trainers": 2, "shards": 3}),
         Variation("bagpipe optimizer=sgd", {"policy": "bagpipe", "trainers": 2, "optimizer": "sgd"}),
         Variation("bagpipe model=dcn", {"policy": "bagpipe", "trainers": 1, "model": "dcn"}),
+        Variation("bagpipe redis cluster (3 masters)", {"policy": "bagpipe", "trainers": 2, "shards": 3,
+                                                        "redis_cluster": True}),
+        Variation("FAULT plan delayed 2s", {"policy": "bagpipe", "trainers": 2}, fault="plan-delay"),
+        Variation("FAULT plan duplicated", {"policy": "bagpipe", "trainers": 2}, fault="plan-duplicate",
+                  caught_by="arrived when iteration"),
+        Variation("FAULT plans reordered", {"policy": "bagpipe", "trainers": 2}, fault="plan-reorder",
+                  caught_by="arrived when iteration"),
+        Variation("FAULT plan dropped", {"policy": "bagpipe", "trainers": 2}, fault="plan-drop",
+                  caught_by="arrived when iteration"),
+        Variation("FAULT plan buffer corrupted", {"policy": "bagpipe", "trainers": 2}, fault="plan-corrupt",
+                  caught_by="checksum mismatch"),
+        Variation("FAULT write-back lands after the next fetch", {"policy": "lru", "trainers": 1,
+                                                                   "cache_rows": min_cache},
+                  fault="writeback-delay"),
+        Variation("FAULT slow store (2 ms a round trip)", {"policy": "bagpipe", "trainers": 2,
+                                                         "store_latency_us": 2000}),
         Variation("MUTANT skip gradient combine", {"policy": "bagpipe", "trainers": 2}, mutant="skip-sync"),
         Variation("MUTANT fetch before write-back", {"policy": "lru", "trainers": 1, "cache_rows": min_cache},
                   mutant="fetch-before-writeback"),
@@ -133,7 +152,6 @@ def matrix(name: str, base: RunConfig, min_cache: int, all_rows: int) -> list[Va
             Variation("bagpipe trainers=3 cache=one batch", {"policy": "bagpipe", "trainers": 3, "cache_rows": min_cache}),
             Variation("bagpipe sgd trainers=3 lead=1", {"policy": "bagpipe", "trainers": 3, "optimizer": "sgd", "lead": 1, "horizon": 2}),
             Variation("bagpipe dcn trainers=2", {"policy": "bagpipe", "trainers": 2, "model": "dcn"}),
-            Variation("bagpipe store latency 2ms", {"policy": "bagpipe", "trainers": 2, "store_latency_us": 2000}),
         ]
     return v
 
@@ -174,32 +192,57 @@ def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | No
             continue
         vcfg = cfg.replace(**var.overrides)
         rd = work / f"variation-{n:02d}"
-        env_before = os.environ.get("BAGPIPE_MUTANT")
-        if var.mutant:
-            os.environ["BAGPIPE_MUTANT"] = var.mutant
         error = ""
         try:
-            run_job(vcfg, rd, quiet=True)
+            with _environment(BAGPIPE_MUTANT=var.mutant, BAGPIPE_FAULT=var.fault):
+                run_job(vcfg, rd, quiet=True)
         except Exception as exc:  # a run that stops with an error is a verdict too
-            error = str(exc).splitlines()[0]
-        finally:
-            if env_before is None:
-                os.environ.pop("BAGPIPE_MUTANT", None)
-            else:
-                os.environ["BAGPIPE_MUTANT"] = env_before
+            error = str(exc)
         exact = vcfg.trainers == 1
-        row = {"variation": var.name, "exact": exact, "mutant": var.mutant}
+        row = {"variation": var.name, "exact": exact, "mutant": var.mutant, "fault": var.fault}
         if error:
-            row.update(ok=False, error=error, rows=0, max_abs={}, max_rel={})
+            row.update(ok=False, error=_first_reason(error, var.caught_by), rows=0, max_abs={}, max_rel={})
         else:
             cmp = compare_models(reference(vcfg.model, vcfg.optimizer), load_model(rd))
             row.update(ok=verdict(cmp, exact), rows=cmp.rows, max_abs=cmp.max_abs, max_rel=cmp.max_rel,
                        problems=cmp.problems)
-        # A mutant passes the check only by being caught.
-        row["passed"] = (not row["ok"]) if var.mutant else row["ok"]
+        if var.mutant:  # a mutant passes the check only by being caught
+            row["passed"] = not row["ok"]
+        elif var.caught_by:  # a fault that must stop the job, saying why
+            row["passed"] = bool(error) and var.caught_by in error
+        else:
+            row["passed"] = row["ok"]
         results.append(row)
         log.info("%-45s %s", var.name, "ok" if row["passed"] else "FAILED")
     return results
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set (non-empty) or clear environment variables for the jobs started inside."""
+    before = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v:
+                os.environ[k] = v
+            else:
+                os.environ.pop(k, None)
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _first_reason(error: str, wanted: str) -> str:
+    """The line of a job's error that says why it stopped (the wanted one, if there)."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip()]
+    for ln in lines:
+        if wanted and wanted in ln:
+            return ln[:160]
+    return lines[0][:160] if lines else ""
 
 
 def format_table(results: list[dict]) -> str:
@@ -210,6 +253,8 @@ def format_table(results: list[dict]) -> str:
         tables_rel = max((v for k, v in r["max_rel"].items() if k != "dense"), default=0.0)
         if r["mutant"]:
             word = "caught" if r["passed"] else "MUTANT NOT CAUGHT"
+        elif r.get("fault") and r.get("error"):
+            word = (f"stopped: {r['error']}" if r["passed"] else f"FAILED: {r['error']}")
         elif r["passed"]:
             word = "identical" if r["exact"] else f"ok (<= {MULTI_RTOL:g} rel)"
         else:

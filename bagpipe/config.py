@@ -130,6 +130,7 @@ class RunConfig:
     redis_base_port: int = 0
     redis_urls: tuple[str, ...] = ()
     redis_cluster_url: str = ""
+    redis_cluster: bool = False  # start a local Redis Cluster of 'shards' (>= 3) masters instead of shards
     redis_timeout_s: float = 5.0
     redis_persistence: str = "off"
     redis_appendfsync: str = "everysec"
@@ -150,6 +151,8 @@ class RunConfig:
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
         _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        _require(not self.redis_cluster or self.shards >= 3, "shards",
+                 f"a Redis Cluster (redis_cluster = true) needs at least 3 masters, got {self.shards}")
         # Component configs validate their own keys.
         self.store_config()
         self.oracle_config()
@@ -160,10 +163,11 @@ class RunConfig:
         """Optimizer state columns stored with each row (row-wise Adagrad: 1)."""
         return 1 if self.optimizer == "adagrad" else 0
 
-    def store_config(self) -> StoreConfig:
+    def store_config(self, cluster_url: str | None = None) -> StoreConfig:
+        """The store's config; ``cluster_url`` names a cluster this job started (see bagpipe.job)."""
         return StoreConfig(
             shards=self.shards, host=self.redis_host, base_port=self.redis_base_port,
-            urls=tuple(self.redis_urls), cluster_url=self.redis_cluster_url,
+            urls=tuple(self.redis_urls), cluster_url=cluster_url or self.redis_cluster_url,
             timeout_s=self.redis_timeout_s, persistence=self.redis_persistence,
             appendfsync=self.redis_appendfsync, latency_us=self.store_latency_us,
             bandwidth_gbps=self.store_bandwidth_gbps, seed=self.seed,

@@ -98,12 +98,12 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
     return start
 
 
-def _fill_store(cfg: RunConfig, urls: list[str], run_dir: Path, start: int) -> None:
+def _fill_store(cfg: RunConfig, urls: list[str], run_dir: Path, start: int, cluster_url: str | None) -> None:
     """A fresh job starts from an empty store; a resumed one from its checkpoint's rows."""
     from bagpipe.checkpoint import Checkpoints, read_rows
     from bagpipe.store import EmbeddingStore
 
-    store = EmbeddingStore(cfg.store_config(), urls, cfg.embedding_dim, cfg.state_width, [1])
+    store = EmbeddingStore(cfg.store_config(cluster_url), urls, cfg.embedding_dim, cfg.state_width, [1])
     try:
         store.flush_all()
         if start > 0:
@@ -197,25 +197,31 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         # 2. Every node starts the shards it was asked for and says where they are.
         shards = launch.shards_here(cfg)
         urls: list[str] = []
+        cluster_url = ""
         if shards:
-            from bagpipe.servers import RedisServers
+            from bagpipe.servers import RedisClusterServers, RedisServers
 
             store_cfg = dataclasses.replace(cfg.store_config(), shards=shards, host=launch.host)
-            servers = RedisServers(store_cfg, run_dir / "redis")
+            servers = (RedisClusterServers if cfg.redis_cluster else RedisServers)(store_cfg, run_dir / "redis")
             servers.start()
             urls = list(servers.urls)
-        rdzv.publish(f"shards/{launch.node_rank}", urls)
+            if cfg.redis_cluster:
+                cluster_url = servers.cluster_url
+                urls = [cluster_url]
+        rdzv.publish(f"shards/{launch.node_rank}", {"urls": urls, "cluster_url": cluster_url})
         # 3. Node 0 gathers the shards, fills the store, starts the oracle and publishes the endpoints.
         if master:
-            endpoints = {"redis": [], "oracle": ""}
+            endpoints = {"redis": [], "redis_cluster_url": cfg.redis_cluster_url, "oracle": ""}
             if cfg.policy != "local":
                 endpoints["redis"] = list(launch.redis_urls or cfg.redis_urls) or (
                     [cfg.redis_cluster_url] if cfg.redis_cluster_url else [])
                 for r in range(launch.nnodes):
-                    endpoints["redis"] += rdzv.get(f"shards/{r}", who=f"node {r} (it never joined)")
+                    node_shards = rdzv.get(f"shards/{r}", who=f"node {r} (it never joined)")
+                    endpoints["redis"] += node_shards["urls"]
+                    endpoints["redis_cluster_url"] = endpoints["redis_cluster_url"] or node_shards["cluster_url"]
                 if not endpoints["redis"]:
                     raise JobError("no embedding servers: give --redis URL or --shards-per-node S")
-                _fill_store(cfg, endpoints["redis"], run_dir, start)
+                _fill_store(cfg, endpoints["redis"], run_dir, start, endpoints["redis_cluster_url"])
                 host = launch.host if not single else cfg.oracle_bind.split("//", 1)[-1].rsplit(":", 1)[0]
                 port = int(cfg.oracle_bind.rsplit(":", 1)[-1]) or free_port(host)
                 endpoints["oracle"] = f"tcp://{host}:{port}"

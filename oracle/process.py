@@ -18,6 +18,7 @@ from pathlib import Path
 import zmq
 
 from bagpipe.config import RunConfig
+from bagpipe.faults import Fault
 from bagpipe.log import init_logger
 from bagpipe.wire import (KIND_CREDIT, KIND_END, KIND_ERROR, KIND_HELLO, WireError, decode_control,
                           encode_control, encode_plan)
@@ -117,6 +118,8 @@ class OracleServer:
             raise OracleError(f"oracle cannot bind {endpoint}: {exc}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.identity: dict[int, bytes] = {}
+        self.fault = Fault.from_env()
+        self._held_plan: list | None = None
         self.done = [planner.start - 1] * trainers  # last iteration each trainer finished
         self.written_through = [planner.start - 1] * trainers  # each trainer's landed write-backs
 
@@ -163,7 +166,7 @@ class OracleServer:
                     raise OracleError(f"no credit from trainer {slow} within {self.timeout_s}s (last finished iteration {self.done[slow]})")
                 self._handle(*msg)
             for t, plan in enumerate(plans):
-                self._send(t, encode_plan(plan, self.job))
+                self._send_plan(i, t, encode_plan(plan, self.job))
             while self.sock.poll(0):
                 self._handle(*self._recv(0))
         for t in range(self.trainers):
@@ -174,6 +177,31 @@ class OracleServer:
             if msg is None:
                 raise OracleError("trainers did not finish after the last plan")
             self._handle(*msg)
+
+    def _send_plan(self, i: int, rank: int, frames: list) -> None:
+        f = self.fault
+        if f is None or f.rank != rank or i not in (f.iteration, f.iteration + 1):
+            self._send(rank, frames)
+            return
+        # Injected faults (bagpipe check): each must be caught by the trainer or be harmless.
+        if f.hits("plan-delay", i):
+            time.sleep(2.0)
+        if f.hits("plan-drop", i):
+            return
+        if f.hits("plan-reorder", i):
+            self._held_plan = frames
+            return
+        if f.hits("plan-corrupt", i):
+            frames = list(frames)
+            damaged = bytearray(frames[2])
+            damaged[0] ^= 0xFF
+            frames[2] = bytes(damaged)
+        self._send(rank, frames)
+        if f.hits("plan-duplicate", i):
+            self._send(rank, frames)
+        if f.kind == "plan-reorder" and i == f.iteration + 1 and self._held_plan is not None:
+            self._send(rank, self._held_plan)
+            self._held_plan = None
 
     def _send(self, rank: int, frames: list) -> None:
         try:

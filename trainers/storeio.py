@@ -17,6 +17,7 @@ from collections import deque
 
 import numpy as np
 
+from bagpipe.faults import Fault
 from bagpipe.store import EmbeddingStore
 
 
@@ -45,6 +46,9 @@ class StoreIO:
         # back one iteration and fetches ignore versions, i.e. fetch before the write-back.
         self._mutant_stale = os.environ.get("BAGPIPE_MUTANT") == "fetch-before-writeback"
         self._held: list[list[tuple]] = [[], []]
+        # Injected fault (bagpipe check): write-backs of one iteration land a second late.
+        self._fault = Fault.from_env()
+        self._late_puts: list[tuple[float, tuple]] = []  # (release time, put op)
         self._thread = threading.Thread(target=self._run, name="store-io", daemon=True)
         self._thread.start()
 
@@ -121,16 +125,24 @@ class StoreIO:
             while True:
                 with self._cv:
                     while not self._ops and not self._closed:
-                        self._cv.wait()
+                        self._cv.wait(0.05 if self._late_puts else None)
+                        if self._late_puts:
+                            break
                     if not self._ops:
+                        if self._late_puts:
+                            self._release_late_puts()
+                            continue
                         return
                     op = self._ops[0]
+                self._release_late_puts()
                 kind = op[0]
                 if kind == "get":
                     self._get(*op[1:])
                 elif kind == "put":
                     if self._mutant_stale:
                         self._held[1].append(op)
+                    elif self._fault is not None and self._fault.hits("writeback-delay", op[3]):
+                        self._late_puts.append((time.monotonic() + 1.0, op))
                     else:
                         self._put(op)
                 else:
@@ -138,7 +150,9 @@ class StoreIO:
                         for held in self._held[0]:
                             self._put(held)
                         self._held = [self._held[1], []]
-                    self.written_through = op[1]
+                    # The watermark never passes a write-back that has not landed.
+                    late = min((p[3] for _, p in self._late_puts), default=op[1] + 1)
+                    self.written_through = min(op[1], late - 1)
                 with self._cv:
                     self._ops.popleft()
                     self._cv.notify_all()
@@ -146,6 +160,13 @@ class StoreIO:
             with self._cv:
                 self._error = exc
                 self._cv.notify_all()
+
+    def _release_late_puts(self) -> None:
+        now = time.monotonic()
+        due = [p for t, p in self._late_puts if t <= now]
+        self._late_puts = [(t, p) for t, p in self._late_puts if t > now]
+        for op in due:
+            self._put(op)
 
     def _put(self, op: tuple) -> None:
         _, keys, values, version = op
@@ -169,6 +190,7 @@ class StoreIO:
                                    f"{int(min_versions[stale[0]])} after {self.wait_timeout_s}s (write-back lost?)")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+            self._release_late_puts()  # (injected fault) our own late write-back may be the one awaited
             self.version_retries += len(stale)
             v2, ver2 = self.store.get(keys[stale])
             values[stale], versions[stale] = v2, ver2

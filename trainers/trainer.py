@@ -168,7 +168,8 @@ class Trainer:
             from trainers.storeio import StoreIO
 
             endpoints = json.loads((run_dir / "endpoints.json").read_text())
-            self.store = EmbeddingStore(cfg.store_config(), endpoints["redis"], dim, sw, self.table_sizes.tolist())
+            self.store = EmbeddingStore(cfg.store_config(endpoints.get("redis_cluster_url")), endpoints["redis"],
+                                        dim, sw, self.table_sizes.tolist())
             self.io = StoreIO(self.store, wait_timeout_s=cfg.plan_timeout_s)
             self.cache = SlotCache(cfg.cache_rows if cfg.policy not in ("none", "bagpipe-original") else 1024,
                                    dim, sw, self.device, cfg.optimizer, cfg.lr, cfg.eps)
