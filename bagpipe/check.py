@@ -190,9 +190,15 @@ def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | No
     for n, var in enumerate(matrix(matrix_name, cfg, min_cache, all_rows)):
         if only and not any(o in var.name for o in only):
             continue
-        vcfg = cfg.replace(**var.overrides)
         rd = work / f"variation-{n:02d}"
         error = ""
+        try:
+            vcfg = cfg.replace(**var.overrides)
+        except ConfigError as exc:  # this base config cannot make that variation
+            results.append({"variation": var.name, "exact": False, "mutant": var.mutant, "fault": var.fault,
+                            "ok": False, "passed": False, "error": str(exc), "rows": 0, "max_abs": {}, "max_rel": {}})
+            log.info("%-45s FAILED: %s", var.name, exc)
+            continue
         try:
             with _environment(BAGPIPE_MUTANT=var.mutant, BAGPIPE_FAULT=var.fault):
                 run_job(vcfg, rd, quiet=True)
