@@ -328,7 +328,10 @@ def _watch(children: list[Child], run_dir: Path, quiet: bool, elsewhere=lambda: 
             failed = sorted((c for c in children if _failed(c, trainers)), key=lambda c: c is not trainers)
             parts = []
             for c in failed:
-                tail = (run_dir / f"{c.name}.log").read_text(errors="replace").strip().splitlines()[-8:]
+                lines = (run_dir / f"{c.name}.log").read_text(errors="replace").strip().splitlines()
+                # The process's own reason first (its ERROR lines), then the end of its log.
+                reasons = [ln for ln in lines if " ERROR " in ln][:3]
+                tail = reasons + [ln for ln in lines[-8:] if ln not in reasons]
                 parts.append(f"{c.name} (pid {c.proc.pid}) exited with code {c.proc.poll()}:\n  " + "\n  ".join(tail))
             raise JobError("\n".join(parts))
         if trainers.proc.poll() == 0:

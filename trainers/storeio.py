@@ -43,9 +43,9 @@ class StoreIO:
         self.rows_written = 0
         self.version_retries = 0
         # Planted bug for `bagpipe check` (never set in normal runs): write-backs are held
-        # back one iteration and fetches ignore versions, i.e. fetch before the write-back.
+        # back three iterations and fetches ignore versions, i.e. fetch before the write-back.
         self._mutant_stale = os.environ.get("BAGPIPE_MUTANT") == "fetch-before-writeback"
-        self._held: list[list[tuple]] = [[], []]
+        self._held: list[list[tuple]] = [[], [], [], []]
         # Injected fault (bagpipe check): write-backs of one iteration land a second late.
         self._fault = Fault.from_env()
         self._late_puts: list[tuple[float, tuple]] = []  # (release time, put op)
@@ -92,8 +92,8 @@ class StoreIO:
     def drain(self) -> None:
         """Wait until every issued operation has run."""
         if self._mutant_stale:
-            self._submit(("mark", self.written_through))
-            self._submit(("mark", self.written_through))
+            for _ in self._held:
+                self._submit(("mark", self.written_through))
         deadline = time.monotonic() + max(self.wait_timeout_s, 60.0)
         with self._cv:
             while self._ops or self._pending_writes:
@@ -140,7 +140,7 @@ class StoreIO:
                     self._get(*op[1:])
                 elif kind == "put":
                     if self._mutant_stale:
-                        self._held[1].append(op)
+                        self._held[-1].append(op)
                     elif self._fault is not None and self._fault.hits("writeback-delay", op[3]):
                         self._late_puts.append((time.monotonic() + 1.0, op))
                     else:
@@ -149,7 +149,7 @@ class StoreIO:
                     if self._mutant_stale:
                         for held in self._held[0]:
                             self._put(held)
-                        self._held = [self._held[1], []]
+                        self._held = self._held[1:] + [[]]
                     # The watermark never passes a write-back that has not landed.
                     late = min((p[3] for _, p in self._late_puts), default=op[1] + 1)
                     self.written_through = min(op[1], late - 1)

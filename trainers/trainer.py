@@ -278,6 +278,8 @@ class Trainer:
             m.stall_per_iteration.append(stall)
             self.cache.write(torch.from_numpy(plan.install_slots.astype(np.int64)).to(dev),
                              torch.from_numpy(rows).to(dev))
+        if plan.n_join:
+            self._join(plan)
         t1 = time.perf_counter()
         batch = self.reader[i]
         dense = torch.from_numpy(batch.dense).to(dev)
@@ -302,6 +304,27 @@ class Trainer:
         if self.io is not None:
             self._evict(i, plan)
 
+    def _join(self, plan: Plan) -> None:
+        """Rows joined this iteration: holders contribute each row's value, joiners receive it.
+
+        A separate collective before the forward pass, because a joined row may
+        be read in this very iteration (a fetch the oracle had to defer to the
+        last moment): it must hold the value from before this iteration's update.
+        """
+        dev, width = self.device, self.cache.width
+        t0 = time.perf_counter()
+        buf = torch.zeros(plan.n_join, width, device=dev)
+        send = torch.from_numpy(plan.join_send.astype(bool)).to(dev)
+        join_pos = torch.from_numpy(plan.join_pos.astype(np.int64)).to(dev)
+        join_slots = torch.from_numpy(plan.join_slots.astype(np.int64)).to(dev)
+        if send.any():
+            buf[join_pos[send]] = self.cache.read(join_slots[send])
+        dist.all_reduce(buf)
+        recv = ~send
+        if recv.any():
+            self.cache.write(join_slots[recv], buf[join_pos[recv]])
+        self.meters.comm_s += time.perf_counter() - t0
+
     def _combine(self, plan: Plan, uniq: torch.Tensor, local_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All-reduce dense gradients, shared rows' gradients and joined rows; return the rows to update."""
         if self.world == 1:
@@ -310,7 +333,7 @@ class Trainer:
         t0 = time.perf_counter()
         dense_grads = [p.grad.reshape(-1) for p in self.dense_params]
         n_dense = sum(g.numel() for g in dense_grads)
-        buf = torch.zeros(n_dense + plan.n_sync * dim + plan.n_join * width, device=dev)
+        buf = torch.zeros(n_dense + plan.n_sync * dim, device=dev)
         buf[:n_dense] = torch.cat(dense_grads)
         sync_pos = torch.from_numpy(plan.sync_pos.astype(np.int64)).to(dev)
         sync_slots = torch.from_numpy(plan.sync_slots.astype(np.int64)).to(dev)
@@ -321,21 +344,12 @@ class Trainer:
         sync_view = buf[n_dense:n_dense + plan.n_sync * dim].view(plan.n_sync, dim)
         if hit.any():
             sync_view[sync_pos[hit]] = local_grads[where[hit]]
-        join_view = buf[n_dense + plan.n_sync * dim:].view(plan.n_join, width)
-        send = torch.from_numpy(plan.join_send.astype(bool)).to(dev)
-        join_pos = torch.from_numpy(plan.join_pos.astype(np.int64)).to(dev)
-        join_slots = torch.from_numpy(plan.join_slots.astype(np.int64)).to(dev)
-        if send.any():
-            join_view[join_pos[send]] = self.cache.read(join_slots[send])
         dist.all_reduce(buf)
         self.meters.comm_s += time.perf_counter() - t0
         offset = 0
         for p in self.dense_params:
             p.grad.copy_(buf[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
-        recv = ~send
-        if recv.any():
-            self.cache.write(join_slots[recv], join_view[join_pos[recv]])
         if self.mutant_skip_sync:
             return uniq, local_grads
         # Rows to update: local rows with their own gradients, then synced rows with the sums.
