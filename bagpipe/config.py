@@ -163,6 +163,23 @@ class RunConfig:
         """Optimizer state columns stored with each row (row-wise Adagrad: 1)."""
         return 1 if self.optimizer == "adagrad" else 0
 
+    def segment_end(self, start: int, iterations: int) -> int:
+        """End (exclusive) of the plan segment that begins at ``start``.
+
+        Segments end after every ``checkpoint_every``-th and ``eval_every``-th
+        iteration and at the last: there every cache is flushed to the store,
+        so a checkpoint or an evaluation reads every row from the store.
+        """
+        end = iterations
+        for every in (self.checkpoint_every, self.eval_every):
+            if every:
+                end = min(end, (start // every + 1) * every)
+        return end
+
+    def flushes_after(self, iteration: int, iterations: int) -> bool:
+        """Whether a segment ends after ``iteration``."""
+        return self.segment_end(iteration, iterations) == iteration + 1
+
     def store_config(self, cluster_url: str | None = None) -> StoreConfig:
         """The store's config; ``cluster_url`` names a cluster this job started (see bagpipe.job)."""
         return StoreConfig(

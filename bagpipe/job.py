@@ -365,6 +365,7 @@ def _merge_metrics(cfg: RunConfig, ranks: list[dict], run_dir: Path, wall_s: flo
         "train_logloss": ranks[0]["train_logloss"],
         "eval_auc": ranks[0].get("eval_auc"),
         "eval_logloss": ranks[0].get("eval_logloss"),
+        "eval_history": ranks[0].get("eval_history", []),
         "rows_fetched": sum(r["rows_fetched"] for r in ranks),
         "rows_written_back": sum(r["rows_written_back"] for r in ranks),
         "stall_s": max(r["stall_s"] for r in ranks),

@@ -54,22 +54,23 @@ class _Shifted:
 class SegmentedPlans:
     """The plan stream of a run, one planner per checkpoint segment.
 
-    With checkpoints every N iterations, iterations are planned in segments
-    [0, N), [N, 2N), ...; each segment's planner starts with empty caches and
-    its last plan evicts and writes back every row. So the plans after a
-    checkpoint are the same whether the run went on or was resumed from it,
-    and a checkpoint needs nothing from the oracle but its position. Plans
+    With checkpoints (or evaluations) every N iterations, iterations are
+    planned in segments [0, N), [N, 2N), ... (``RunConfig.segment_end``); each
+    segment's planner starts with empty caches and its last plan evicts and
+    writes back every row. So the plans after a checkpoint are the same
+    whether the run went on or was resumed from it, a checkpoint needs nothing
+    from the oracle but its position, and an evaluation reads every row from
+    the store. Plans
     are renumbered to absolute iterations (and so are the write-back versions
     that fetches wait for).
     """
 
     def __init__(self, cfg: RunConfig, batches: BatchSource, iterations: int, start: int = 0) -> None:
         self.cfg, self.batches, self.iterations, self.start = cfg, batches, iterations, start
-        every = cfg.checkpoint_every or iterations
         self.bounds: list[tuple[int, int]] = []
         lo = start
         while lo < iterations:
-            hi = min((lo // every + 1) * every, iterations)
+            hi = cfg.segment_end(lo, iterations)
             self.bounds.append((lo, hi))
             lo = hi
         self.planner: Planner | None = None

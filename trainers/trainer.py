@@ -115,6 +115,7 @@ class LocalPlans:
 @dataclass
 class Meters:
     stall_s: float = 0.0
+    paused_s: float = 0.0  # checkpoints and evaluations during training
     compute_s: float = 0.0
     comm_s: float = 0.0
     rows_fetched: int = 0
@@ -149,6 +150,7 @@ class Trainer:
         self.dense_params = [p for p in self.model.parameters()]
         self.dense_opt = torch.optim.Adagrad(self.dense_params, lr=cfg.dense_lr)
         self.meters = Meters()
+        self.eval_history: list[dict] = []
         # Planted bug for `bagpipe check` (never set in normal runs).
         self.mutant_skip_sync = os.environ.get("BAGPIPE_MUTANT") == "skip-sync"
         self.store = None
@@ -199,8 +201,8 @@ class Trainer:
             self.step(i, plan)
             if self.client is not None:
                 self.client.credit(i, self.io.written_through)
-            if checkpoint_due(i, cfg.checkpoint_every, self.iterations - 1):
-                self.checkpoint(i)
+            if cfg.flushes_after(i, self.iterations):
+                self._segment_end(i)
             if self.rank == 0 and (i + 1) % report_every == 0:
                 el = time.perf_counter() - started
                 log.info("iteration %d/%d  %.0f samples/s  loss %.4f  stall %.2fs", i + 1, self.iterations,
@@ -208,31 +210,42 @@ class Trainer:
                          self.meters.stall_s)
         if self.io is not None:
             self.io.drain()
-        self.wall_s = time.perf_counter() - started
+        self.wall_s = time.perf_counter() - started - self.meters.paused_s
 
     # ------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict:
         return fingerprint(self.cfg.to_dict(), self.dataset.meta.get("content_hash", ""))
 
-    def checkpoint(self, i: int) -> None:
-        """Checkpoint after iteration i: one barrier for embeddings, optimizer state and dense state.
-
-        Checkpoints fall on the oracle's segment ends, where every cached row
-        has been evicted and handed to the writer; draining the writer on every
-        rank and then a barrier means the store holds every row's value after i.
-        """
-        t0 = time.perf_counter()
+    def _segment_end(self, i: int) -> None:
+        """After the oracle's last plan of a segment every cached row has been evicted and
+        handed to the writer: draining the writer on every rank, then a barrier, means the
+        store holds every row's value after i. Checkpoints and evaluations happen here."""
+        cfg = self.cfg
         if self.io is not None:
             self.io.drain()
         if self.world > 1:
             dist.barrier()
+        t0 = time.perf_counter()  # checkpoints and evaluations are not training time
+        if checkpoint_due(i, cfg.checkpoint_every, self.iterations - 1):
+            self.checkpoint(i)
+        if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i != self.iterations - 1 and self.rank == 0:
+            result = self.evaluate()
+            if result:
+                self.eval_history.append(dict(result, iteration=i))
+                log.info("eval after iteration %d: AUC %.4f, logloss %.4f", i, result["eval_auc"],
+                         result["eval_logloss"])
+        if self.world > 1:
+            dist.barrier()
+        self.meters.paused_s += time.perf_counter() - t0
+
+    def checkpoint(self, i: int) -> None:
+        """Checkpoint after iteration i (at a segment end): embeddings, optimizer state and dense state."""
+        t0 = time.perf_counter()
         if self.rank == 0:
             dense = {"model": self.model.state_dict(), "optimizer": self.dense_opt.state_dict(),
                      "torch_rng": torch.get_rng_state(), "iteration": i}
             path = Checkpoints(self.run_dir).write(i, self._fingerprint(), dense, self._stored_rows())
             log.info("checkpoint after iteration %d: %s (%.2fs)", i, path.name, time.perf_counter() - t0)
-        if self.world > 1:
-            dist.barrier()
 
     def _stored_rows(self):
         """Every row changed so far, in chunks of (keys, values)."""
@@ -484,7 +497,10 @@ def main(argv: list[str] | None = None) -> int:
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "stall_per_iteration": trainer.meters.stall_per_iteration}
         if rank == 0:
-            result.update(trainer.evaluate())
+            final = trainer.evaluate()
+            result.update(final)
+            history = trainer.eval_history + ([dict(final, iteration=trainer.iterations - 1)] if final else [])
+            result["eval_history"] = history
             model = {"dense": trainer.model.state_dict(), "tables": trainer.export_rows(),
                      "config": cfg.to_dict()}
             tmp = args.run_dir / "model.pt.tmp"
