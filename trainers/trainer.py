@@ -204,10 +204,13 @@ class Trainer:
             if cfg.flushes_after(i, self.iterations):
                 self._segment_end(i)
             if self.rank == 0 and (i + 1) % report_every == 0:
-                el = time.perf_counter() - started
-                log.info("iteration %d/%d  %.0f samples/s  loss %.4f  stall %.2fs", i + 1, self.iterations,
-                         (i + 1) * cfg.batch_size / el, self.meters.loss_sum / max(1, self.meters.loss_n),
-                         self.meters.stall_s)
+                m = self.meters
+                el = time.perf_counter() - started - m.paused_s
+                # Hit rate: distinct rows read that needed no fetch of their own.
+                hits = 1.0 - m.rows_fetched / max(1, m.rows_read) if self.io is not None else 1.0
+                log.info("iteration %d/%d  %.0f samples/s  loss %.4f  hit rate %.1f%%  stalled %.2fs", i + 1,
+                         self.iterations, (i + 1 - self.start) * cfg.batch_size / el,
+                         m.loss_sum / max(1, m.loss_n), 100 * hits, m.stall_s)
         if self.io is not None:
             self.io.drain()
         self.wall_s = time.perf_counter() - started - self.meters.paused_s
@@ -299,6 +302,7 @@ class Trainer:
         labels = torch.from_numpy(batch.labels).to(dev)
         read_slots = torch.from_numpy(plan.read_slots.astype(np.int64)).to(dev)
         kt, leaf, uniq = self.cache.lookup(slots_kjt(self.table_names, read_slots))
+        m.rows_read += int(uniq.numel())
         logits = self.model(dense, kt)
         # Sum over the local batch / global batch: summed over ranks this is the global mean.
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / self.cfg.batch_size
