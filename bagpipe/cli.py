@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("bagpipe.check", "check that cached training equals synchronous training"),
     "bench": ("bench.policies", "benchmark the policies side by side"),
     "servers": ("bagpipe.servers", "start redis-server shards and wait (for multi-node jobs)"),
+    "keys": ("bagpipe.curve", "write CURVE key pairs that encrypt and authenticate the plan stream"),
 }
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data.synth", "write synthetic Criteo or Avazu files in the real raw formats"),

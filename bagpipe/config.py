@@ -137,6 +137,7 @@ class RunConfig:
     store_latency_us: float = 0.0
     store_bandwidth_gbps: float = 0.0
     oracle_bind: str = "tcp://127.0.0.1:0"
+    zmq_curve_dir: str = ""  # CURVE keys for the plan stream (`bagpipe keys`); empty: in the clear
     plan_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:

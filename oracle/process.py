@@ -18,6 +18,7 @@ from pathlib import Path
 import zmq
 
 from bagpipe.config import RunConfig
+from bagpipe.curve import ServerSecurity
 from bagpipe.faults import Fault
 from bagpipe.log import init_logger
 from bagpipe.wire import (KIND_CREDIT, KIND_END, KIND_ERROR, KIND_HELLO, WireError, decode_control,
@@ -106,11 +107,13 @@ class OracleServer:
     """Streams a planner's plans to N trainers with credit-based flow control."""
 
     def __init__(self, planner: SegmentedPlans, job: str, endpoint: str, trainers: int, max_ahead: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, curve_dir: str = "") -> None:
         self.planner, self.job, self.trainers = planner, job, trainers
         self.max_ahead, self.timeout_s = max_ahead, timeout_s
         self.ctx = zmq.Context()
+        self.security = ServerSecurity(self.ctx, curve_dir)
         self.sock = self.ctx.socket(zmq.ROUTER)
+        self.security.apply(self.sock)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
@@ -220,6 +223,7 @@ class OracleServer:
                 except zmq.ZMQError:
                     pass
         self.sock.close()
+        self.security.close()
         self.ctx.term()
 
 
@@ -237,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle)
     iterations = cfg.iterations or len(sparse)
     stream = SegmentedPlans(cfg, sparse, iterations, start=args.first_iteration)
-    server = OracleServer(stream, job, args.endpoint, cfg.trainers, cfg.max_ahead, cfg.plan_timeout_s)
+    server = OracleServer(stream, job, args.endpoint, cfg.trainers, cfg.max_ahead, cfg.plan_timeout_s,
+                          cfg.zmq_curve_dir)
     error = None
     try:
         server.serve()

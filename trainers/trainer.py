@@ -26,6 +26,7 @@ import zmq
 
 from bagpipe.checkpoint import Checkpoints, checkpoint_due, fingerprint, load_manifest, read_rows
 from bagpipe.config import RunConfig
+from bagpipe.curve import secure_client
 from bagpipe.keys import initial_rows, key_row, key_table
 from bagpipe.log import init_logger
 from bagpipe.procs import die_with_parent
@@ -52,11 +53,12 @@ def pick_device(setting: str) -> torch.device:
 class PlanClient:
     """The trainer's end of the plan stream: in-order plans, credits back."""
 
-    def __init__(self, endpoint: str, job: str, rank: int, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, job: str, rank: int, timeout_s: float, curve_dir: str = "") -> None:
         self.endpoint, self.job, self.rank, self.timeout_s = endpoint, job, rank, timeout_s
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self.sock, curve_dir)
         self.sock.connect(endpoint)
         self.sock.send_multipart(encode_control(KIND_HELLO, job, rank=rank))
 
@@ -176,7 +178,7 @@ class Trainer:
             self.cache = SlotCache(cfg.cache_rows if cfg.policy not in ("none", "bagpipe-original") else 1024,
                                    dim, sw, self.device, cfg.optimizer, cfg.lr, cfg.eps)
             job = (run_dir / "job_id").read_text().strip()
-            self.client = PlanClient(endpoints["oracle"], job, rank, cfg.plan_timeout_s)
+            self.client = PlanClient(endpoints["oracle"], job, rank, cfg.plan_timeout_s, cfg.zmq_curve_dir)
             self.plans = self.client
         if start > 0:
             self._restore()

@@ -1,0 +1,87 @@
+"""ZeroMQ CURVE for the plan stream between hosts: encryption, and only known trainers served.
+
+``bagpipe keys --out DIR`` writes an oracle key pair and a trainer key pair
+(ZeroMQ's certificate files, secret ones readable by the owner only). With
+config key ``zmq_curve_dir = DIR`` (the same directory, copied to every
+node), the oracle serves over CURVE and accepts only clients holding the
+trainer key; trainers check the oracle's key. Without it, plans travel in
+the clear: fine on loopback, not across an untrusted network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+# Every message is bounded before ZeroMQ allocates it: the largest plan is a few MB.
+MAX_MESSAGE_BYTES = 256 << 20
+
+
+class CurveError(RuntimeError):
+    pass
+
+
+def write_keys(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("oracle", "trainer"):
+        zmq.auth.create_certificates(str(out), name)
+        os.chmod(out / f"{name}.key_secret", 0o600)
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise CurveError(f"config key 'zmq_curve_dir': cannot read {path}: {exc}") from None
+
+
+class ServerSecurity:
+    """Applies CURVE (or nothing) to the oracle's socket; owns the authenticator thread."""
+
+    def __init__(self, ctx: zmq.Context, curve_dir: str) -> None:
+        self.auth: ThreadAuthenticator | None = None
+        self.dir = Path(curve_dir) if curve_dir else None
+        if self.dir is not None:
+            self.public, self.secret = _load(self.dir / "oracle.key_secret")
+            _load(self.dir / "trainer.key")  # fail early, naming the file
+            self.auth = ThreadAuthenticator(ctx)
+            self.auth.start()
+            # Only clients whose public key is in the directory's *.key files are served.
+            self.auth.configure_curve(domain="*", location=str(self.dir))
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        if self.dir is not None:
+            sock.curve_secretkey = self.secret
+            sock.curve_publickey = self.public
+            sock.curve_server = True
+
+    def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+
+
+def secure_client(sock: zmq.Socket, curve_dir: str) -> None:
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    if curve_dir:
+        d = Path(curve_dir)
+        public, secret = _load(d / "trainer.key_secret")
+        server_public, _ = _load(d / "oracle.key")
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_serverkey = server_public
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bagpipe keys", description="write CURVE key pairs for the plan stream")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    write_keys(args.out)
+    print(f"wrote oracle and trainer key pairs to {args.out}; set zmq_curve_dir = \"{args.out}\" "
+          "and copy the directory to every node")
+    return 0
