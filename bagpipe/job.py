@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bagpipe.checkpoint import CheckpointError
 from bagpipe.config import ConfigError, RunConfig
 from bagpipe.log import init_logger
@@ -96,6 +98,40 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
     if not resume:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return start
+
+
+PREFLIGHT_BATCHES = 64
+
+
+def _preflight(cfg: RunConfig) -> None:
+    """Refuse at start a cache too small for one iteration of the first batches.
+
+    The oracle checks every batch as it plans; this looks at the first
+    ``PREFLIGHT_BATCHES`` here, so the common mistake is named before any
+    process starts, with the smallest workable size.
+    """
+    if cfg.policy in ("local", "none", "bagpipe-original"):
+        return  # no capacity bound to respect
+    from data.reader import Dataset
+    from oracle.planner import batch_keys
+
+    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle)
+    iterations = min(cfg.iterations or len(sparse), len(sparse))
+    if cfg.iterations > len(sparse):
+        raise ConfigError(f"config key 'iterations': {cfg.iterations} > {len(sparse)} full batches of "
+                          f"{cfg.batch_size} in {cfg.data}")
+    local_b = cfg.batch_size // cfg.trainers
+    if cfg.cache_rows >= local_b * len(Dataset(cfg.data).tables):
+        return  # a trainer's whole batch fits, whatever the data
+    need = 0
+    for i in range(min(iterations, PREFLIGHT_BATCHES)):
+        keys = batch_keys(sparse[i])
+        for t in range(cfg.trainers):
+            need = max(need, len(np.unique(keys[t * local_b:(t + 1) * local_b])))
+    if cfg.cache_rows < need:
+        raise ConfigError(f"config key 'cache_rows': {cfg.cache_rows} is too small: a trainer reads up to {need} "
+                          f"distinct rows in one of the first {min(iterations, PREFLIGHT_BATCHES)} iterations; "
+                          f"the smallest workable cache_rows is at least {need}")
 
 
 def _fill_store(cfg: RunConfig, urls: list[str], run_dir: Path, start: int, cluster_url: str | None) -> None:
@@ -186,6 +222,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         if master:
             if launch.nproc_per_node:
                 cfg = cfg.replace(trainers=launch.nnodes * launch.nproc_per_node)
+            _preflight(cfg)
             start = _prepare_run_dir(cfg, run_dir, resume)
             job = {"config": cfg.to_dict(), "job_id": (run_dir / "job_id").read_text(), "start": start}
             rdzv.publish("job", job)
