@@ -16,6 +16,7 @@ import logging
 import os
 import resource
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,29 @@ class LocalPlans:
         return plan
 
 
+class BatchPrefetcher:
+    """Reads batch i+1 in a background thread while batch i trains.
+
+    The reader loads a shuffle window (about a million rows) every so often;
+    ahead of time, that load costs no training time. Only this thread touches
+    the reader, so its caches need no lock.
+    """
+
+    def __init__(self, reader, last: int) -> None:
+        self.reader, self.last = reader, last
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self.pending: dict[int, Future] = {}
+
+    def get(self, i: int):
+        future = self.pending.pop(i, None) or self.pool.submit(self.reader.__getitem__, i)
+        if i + 1 <= self.last and i + 1 not in self.pending:
+            self.pending[i + 1] = self.pool.submit(self.reader.__getitem__, i + 1)
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 @dataclass
 class Meters:
     stall_s: float = 0.0
@@ -145,6 +169,7 @@ class Trainer:
         self.reader = self.dataset.batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle,
                                            world_size=world, rank=rank)
         self.iterations = cfg.iterations or len(self.reader)
+        self.batches = BatchPrefetcher(self.reader, self.iterations - 1)
         if self.iterations > len(self.reader):
             raise TrainerError(f"config key 'iterations': {self.iterations} > {len(self.reader)} full batches in {cfg.data}")
         torch.manual_seed(cfg.seed)  # identical dense initial weights on every rank
@@ -299,7 +324,7 @@ class Trainer:
         if plan.n_join:
             self._join(plan)
         t1 = time.perf_counter()
-        batch = self.reader[i]
+        batch = self.batches.get(i)
         dense = torch.from_numpy(batch.dense).to(dev)
         labels = torch.from_numpy(batch.labels).to(dev)
         read_slots = torch.from_numpy(plan.read_slots.astype(np.int64)).to(dev)
@@ -444,6 +469,7 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        self.batches.close()
         if self.io is not None:
             self.io.close()
         if self.client is not None:
