@@ -1,12 +1,20 @@
-"""Planner speed and memory beside the trainer's consumption of ids.
+"""Planner speed and memory beside the trainers' consumption of ids.
 
     .venv/bin/python bench/oracle.py [--batch-size 4096] [--iterations 30] [--trainers 2]
+                                     [--planner fast|reference] [--ack-lag N]
 
-Prints ids planned per second by the ``bagpipe`` policy, ids per second a
-trainer consumes (DLRM forward+backward+update on its share of the batch,
-measured in-process on this machine), their ratio, and the planner's peak
-traced memory for tables of 1e5 rows and of 1e9 rows with the same access
-pattern (it must not grow with table size).
+Prints ids planned per second by the ``bagpipe`` policy (the compiled
+planner, or ``--planner reference`` for the pure-Python specification it is
+tested against), ids per second a trainer consumes (forward + backward +
+update on its share of the batch, measured in-process on this machine) for
+two dense models: the project's tiny default and a realistically sized DLRM
+(bottom MLP 512-256-64-16, top MLP 512-256-1), the ratios, and the planner's
+peak traced memory for tables of 1e5 rows and of 1e9 rows with the same
+access pattern (it must not grow with table size).
+
+By default nobody acknowledges write-backs, so the planner remembers the
+version of every row it ever wrote back; ``--ack-lag N`` acknowledges them N
+iterations behind the plan, as trainers' credits do in a real job.
 """
 
 from __future__ import annotations
@@ -25,9 +33,12 @@ import numpy as np
 import torch
 
 from bagpipe.config import ModelConfig
-from oracle.planner import Planner, PlannerConfig
+from oracle import planner, reference
 from trainers.cache import SlotCache, slots_kjt
 from trainers.models import build_dense_model
+
+TINY = ModelConfig()
+REALISTIC = ModelConfig(bottom_mlp=(512, 256, 64, 16), top_mlp=(512, 256, 1))
 
 
 def zipf_trace(iterations: int, batch: int, tables: int, rows: int, seed: int = 0) -> list[np.ndarray]:
@@ -35,14 +46,17 @@ def zipf_trace(iterations: int, batch: int, tables: int, rows: int, seed: int = 
     return [((rng.zipf(1.15, size=(batch, tables)) - 1) * 7919) % rows for _ in range(iterations)]
 
 
-def plan_rate(trace, batch: int, trainers: int, cache_rows: int, track_memory: bool = False) -> tuple[float, int]:
-    cfg = PlannerConfig("bagpipe", cache_rows, 2, 8, trainers, batch, len(trace))
-    planner = Planner(cfg, trace)
+def plan_rate(trace, batch: int, trainers: int, cache_rows: int, impl=planner, ack_lag: int = -1,
+              track_memory: bool = False) -> tuple[float, int]:
+    """Ids planned per second over the whole trace (flush included), and the peak traced memory."""
+    cfg = impl.PlannerConfig("bagpipe", cache_rows, 2, 8, trainers, batch, len(trace))
+    plan = impl.Planner(cfg, trace)
     if track_memory:
         tracemalloc.start()
     t0 = time.perf_counter()
-    for _ in planner.plans():
-        pass
+    for i, _ in plan.plans():
+        if ack_lag >= 0:
+            plan.note_writebacks_applied(i - ack_lag)
     dt = time.perf_counter() - t0
     peak = 0
     if track_memory:
@@ -51,11 +65,18 @@ def plan_rate(trace, batch: int, trainers: int, cache_rows: int, track_memory: b
     return len(trace) * batch * trace[0].shape[1] / dt, peak
 
 
-def trainer_rate(batch: int, tables: int, steps: int = 10) -> float:
+def warm_up(tables: int) -> float:
+    """Seconds to get the compiled kernels ready (loaded from numba's cache, or compiled the first time)."""
+    t0 = time.perf_counter()
+    plan_rate(zipf_trace(3, 8, tables, 100), 8, 2, 1000)
+    return time.perf_counter() - t0
+
+
+def trainer_rate(model_cfg: ModelConfig, batch: int, tables: int, steps: int = 10) -> float:
     torch.manual_seed(0)
-    model = build_dense_model(ModelConfig(), 13, tables)
+    model = build_dense_model(model_cfg, 13, tables)
     opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
-    cache = SlotCache(200_000, 16, 1, torch.device("cpu"), "adagrad", 0.01, 1e-8)
+    cache = SlotCache(200_000, model_cfg.embedding_dim, 1, torch.device("cpu"), "adagrad", 0.01, 1e-8)
     names = [f"t{i}" for i in range(tables)]
     rng = np.random.default_rng(0)
     times = []
@@ -80,19 +101,30 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--trainers", type=int, default=2)
     parser.add_argument("--tables", type=int, default=26)
+    parser.add_argument("--planner", choices=["fast", "reference"], default="fast")
+    parser.add_argument("--ack-lag", type=int, default=-1, help="acknowledge write-backs this many iterations "
+                        "behind the plan (-1: never)")
     args = parser.parse_args()
+    impl = planner if args.planner == "fast" else reference
+    if impl is planner:
+        print(f"planner kernels ready in {warm_up(args.tables):.1f} s (numba cache load, or first compile)")
     trace = zipf_trace(args.iterations, args.batch_size, args.tables, 1_000_000)
     cache = 60_000
-    planned, _ = plan_rate(trace, args.batch_size, args.trainers, cache)
-    consumed = trainer_rate(args.batch_size // args.trainers, args.tables)
-    print(f"planner: {planned:,.0f} ids/s ({args.trainers} trainers, batch {args.batch_size}, {args.tables} tables)")
-    print(f"one trainer consumes: {consumed:,.0f} ids/s (local batch {args.batch_size // args.trainers})")
-    print(f"all {args.trainers} trainers consume: {consumed * args.trainers:,.0f} ids/s")
-    print(f"ratio planner / trainers: {planned / (consumed * args.trainers):.2f} (target >= 10)")
+    planned, _ = plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag)
+    acks = "never acknowledged" if args.ack_lag < 0 else f"acknowledged {args.ack_lag} iterations behind"
+    print(f"planner ({args.planner}): {planned:,.0f} ids/s ({args.trainers} trainers, batch {args.batch_size}, "
+          f"{args.tables} tables, {args.iterations} iterations, cache {cache:,} rows, write-backs {acks})")
+    local = args.batch_size // args.trainers
+    for label, model_cfg in (("tiny DLRM, bottom 64-16, top 64-32-1", TINY),
+                             ("realistic DLRM, bottom 512-256-64-16, top 512-256-1", REALISTIC)):
+        consumed = trainer_rate(model_cfg, local, args.tables)
+        print(f"trainers with the {label}: one consumes {consumed:,.0f} ids/s (local batch {local}), "
+              f"all {args.trainers} {consumed * args.trainers:,.0f} ids/s; "
+              f"planner / trainers = {planned / (consumed * args.trainers):.2f} (target >= 10)")
     small = zipf_trace(20, 1024, args.tables, 100_000, seed=1)
     huge = [t.astype(np.int64) * 10_007 for t in small]  # same pattern over 1e9 rows
-    _, mem_small = plan_rate(small, 1024, 1, 20_000, track_memory=True)
-    _, mem_huge = plan_rate(huge, 1024, 1, 20_000, track_memory=True)
+    _, mem_small = plan_rate(small, 1024, 1, 20_000, impl, track_memory=True)
+    _, mem_huge = plan_rate(huge, 1024, 1, 20_000, impl, track_memory=True)
     print(f"planner peak memory: {mem_small / 2**20:.1f} MiB with 1e5-row tables, "
           f"{mem_huge / 2**20:.1f} MiB with 1e9-row tables")
 

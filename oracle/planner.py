@@ -1,4 +1,4 @@
-"""The Oracle Cacher's planner: a pure core with no sockets, threads or Redis.
+"""The Oracle Cacher's planner: a pure core with no sockets, I/O or Redis.
 
 Given the sequence of global batches (sparse ids only), it decides for every
 iteration and every trainer which rows to fetch into which cache slots,
@@ -6,175 +6,262 @@ which to evict and who writes them back, where every read finds its row, and
 which rows' gradients are combined across trainers. ``oracle.process`` ships
 these plans over ZeroMQ; ``oracle.simulate`` runs the same code offline.
 
-Consistency across trainers (episodes)
---------------------------------------
-A row may sit in several trainers' caches at once. The set of trainers that
-hold it, from the first fetch until the last of them evicts it, is an
-*episode*. Every copy in an episode has the same value at every iteration:
-
-* The first holders (*founders*) fetch the row from the store while nobody
-  has updated it yet; they all install it at the episode's first use, so
-  they all see every update.
-* Once the episode is *live* (updated at least once), a trainer that needs
-  the row *joins*: a holder contributes the row's value (embedding and
-  optimizer state) to the iteration's all-reduce and the joiner receives it.
-  The store is never read while a newer value sits in a cache.
-* At every iteration, a row used by anyone and held by two or more trainers
-  is *synced*: its gradient is all-reduced among all trainers and every
-  holder applies the same update.
-* The last holder to evict writes the row back with version = the iteration
-  after which it was evicted. A later episode's fetch names that version;
-  the trainer re-reads until the store has it (no stale read).
-
-Capacity: each trainer holds at most ``cache_rows`` rows (installed or
-fetched ahead). Rows that cannot be placed ahead of time are fetched later,
-at the latest in the iteration that reads them; only a batch whose own rows
-exceed the capacity is refused, up front, with the smallest workable size.
+The rules (episodes, joins, syncs, versions, capacity, the policies) are
+stated, in plain Python, by ``oracle.reference``; read its docstring. This
+module computes exactly the same plans, array for array, with the per-row
+work in compiled kernels (``oracle.fastplan``) over numpy state whose size
+follows the window and the cache, never the tables. Python here only checks
+the batches, grows the state between kernel calls, runs the per-trainer
+kernels in a small thread pool (one thread per trainer, up to the cores;
+the kernels release the GIL), and wraps the kernels' arrays into ``Plan``
+objects. Its results do not depend on the threads: each per-trainer kernel
+writes only its trainer's state.
 """
 
 from __future__ import annotations
 
-import heapq
-import logging
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import numpy as np
 
-from bagpipe.keys import make_keys
 from bagpipe.wire import Plan
+from oracle import fastplan as fp
+from oracle.reference import (INF, PLANNED_POLICIES, BatchSource, PlanError, PlannerConfig, PlanStats,
+                              batch_keys)
 
-log = logging.getLogger("bagpipe")
+__all__ = ["INF", "PLANNED_POLICIES", "BatchSource", "PlanError", "Planner", "PlannerConfig", "PlanStats",
+           "batch_keys", "pinned_rows"]
 
-INF = 1 << 62
-PLANNED_POLICIES = ("none", "lru", "lfu", "lru-prefetch", "static", "bagpipe", "bagpipe-original")
-
-
-class PlanError(ValueError):
-    """The plan cannot be made with this configuration (for example, too small a cache)."""
-
-
-class BatchSource(Protocol):
-    def __len__(self) -> int: ...
-    def __getitem__(self, i: int) -> np.ndarray: ...
+_STAT_FIELDS = ("rows_fetched", "rows_joined", "rows_written_back", "rows_synced", "fetches_deferred",
+                "peak_resident_rows")
 
 
-@dataclass(frozen=True)
-class PlannerConfig:
-    policy: str
-    cache_rows: int
-    lead: int
-    horizon: int
-    trainers: int
-    batch_size: int  # global
-    iterations: int
-
-    def __post_init__(self) -> None:
-        if self.policy not in PLANNED_POLICIES:
-            raise PlanError(f"policy '{self.policy}' is not planned by the oracle ({', '.join(PLANNED_POLICIES)})")
-        if self.batch_size % self.trainers:
-            raise PlanError(f"batch_size {self.batch_size} is not divisible by trainers={self.trainers}")
-        if self.horizon < self.lead:
-            raise PlanError(f"horizon {self.horizon} < lead {self.lead}")
-
-    @property
-    def fetch_lead(self) -> int:
-        """How many iterations ahead of use the policy fetches."""
-        if self.policy in ("bagpipe", "bagpipe-original"):
-            return self.lead
-        if self.policy == "lru-prefetch":
-            return 1
-        return 0  # demand policies fetch in the iteration that reads
+def _pow2(n: int) -> int:
+    c = 16
+    while c < n:
+        c *= 2
+    return c
 
 
-@dataclass
-class PlanStats:
-    rows_fetched: int = 0
-    rows_joined: int = 0
-    rows_written_back: int = 0
-    rows_synced: int = 0
-    fetches_deferred: int = 0
-    peak_resident_rows: int = 0
+def _grown(arr: np.ndarray, axis: int, size: int, fill: int | None = None) -> np.ndarray:
+    """``arr`` with its ``axis`` extended to ``size`` (new cells set to ``fill`` when given)."""
+    shape = list(arr.shape)
+    old = shape[axis]
+    shape[axis] = size
+    out = np.empty(shape, arr.dtype) if fill is None else np.full(shape, fill, arr.dtype)
+    index = [slice(None)] * arr.ndim
+    index[axis] = slice(0, old)
+    out[tuple(index)] = arr
+    return out
 
 
-@dataclass
-class _IterRows:
-    """One iteration's rows, per trainer."""
+def _index_size(count: int, incoming: int, cap: int) -> int:
+    """Cells a hash index needs: never full while ``incoming`` keys may arrive, and at most half full.
 
-    keys: list[np.ndarray]  # [b, T] int64 per trainer
-    uniq: list[np.ndarray]  # sorted unique keys per trainer
-    inverse: list[np.ndarray]  # positions of keys in uniq, [b, T]
-
-
-class _Episode:
-    __slots__ = ("present", "pending", "live")
-
-    def __init__(self) -> None:
-        self.present: set[int] = set()  # trainers with the row installed
-        self.pending: dict[int, int] = {}  # founder trainer -> fetch id, not yet installed
-        self.live = False  # updated at least once
+    Every cell is as likely to be touched as any other, so an index much
+    larger than its keys only spreads them over more cache lines.
+    """
+    if count + incoming <= 0.9 * cap and count <= 0.5 * cap:
+        return cap
+    return _pow2(max(int((count + incoming) / 0.85) + 1, 2 * count + 2))
 
 
-class _TrainerCache:
-    """One trainer's residency: slots, next uses in the window and a lazy victim heap."""
-
-    def __init__(self, capacity: int, bounded: bool) -> None:
-        self.capacity = capacity
-        self.bounded = bounded
-        self.slot_of: dict[int, int] = {}
-        self.free: list[int] = []  # slots given back, reused first
-        self.next_slot = 0  # slots [0, next_slot) have been handed out at least once
-        self.uses: dict[int, deque[int]] = {}  # key -> its iterations of use in the window
-        self.last_use: dict[int, int] = {}
-        self.freq: dict[int, int] = {}
-        self.heap: list[tuple] = []
-        self.pending_fetch: dict[int, int] = {}  # key -> fetch id, fetched but not installed
-        self.next_fetch_id = 0
-        self.pinned: set[int] = set()
-
-    def next_use(self, key: int) -> int:
-        q = self.uses.get(key)
-        return q[0] if q else INF
-
-    def take_slot(self) -> int | None:
-        if self.free:
-            return self.free.pop()
-        if not self.bounded or self.next_slot < self.capacity:
-            self.next_slot += 1
-            return self.next_slot - 1
-        return None
+def _index(cap: int) -> np.ndarray:
+    """An empty hash index of ``cap`` cells (key, value + 1): all zeros."""
+    return np.zeros((cap, 2), np.int64)
 
 
-# Victim priority: smaller is evicted first. Each returns a tuple compared lexicographically.
-def _prio_furthest(c: _TrainerCache, key: int) -> tuple:
-    # Beyond the horizon all rows look alike; the less often used goes first.
-    return (-c.next_use(key), c.freq.get(key, 0), c.last_use.get(key, -1), key)
+def _entries(n: int, cap: int, old: np.ndarray | None = None) -> np.ndarray:
+    """Row entries [n, cap, 8] int64: 64-byte records, each on one cache line (copying ``old``)."""
+    flat = np.zeros(n * cap * 8 + 8, np.int64)
+    skip = (-flat.ctypes.data % 64) // 8
+    out = flat[skip:skip + n * cap * 8].reshape(n, cap, 8)
+    if old is not None:
+        out[:, :old.shape[1]] = old
+    return out
 
 
-def _prio_lru(c: _TrainerCache, key: int) -> tuple:
-    return (c.last_use.get(key, -1), key)
+class _State:
+    """The planner's arrays; ``oracle.fastplan`` says what each holds."""
 
+    def __init__(self, cfg: PlannerConfig, iterations: int, tables: int, pinned: list[np.ndarray] | None) -> None:
+        n = cfg.trainers
+        lb = cfg.batch_size // n
+        u = lb * tables
+        maxhl = max(cfg.horizon, cfg.fetch_lead)
+        r = maxhl + 2
+        if r * max(u, 1) >= fp.INF32 or iterations + cfg.horizon >= fp.INF32:
+            raise PlanError(f"a window of {r} iterations of {u} rows, or {iterations} iterations, is too large")
+        nw = (n + 63) // 64
+        gw = fp.G_MASKS + 2 * nw + n
+        policy = fp.POLICY_CODES[cfg.policy]
+        bounded = cfg.policy not in ("bagpipe-original", "none")
+        self.C = np.array([policy, cfg.cache_rows, cfg.fetch_lead, cfg.horizon, n, u, r, iterations,
+                           int(bounded), tables, lb, maxhl, nw, gw], np.int64)
+        assert len(self.C) == fp.C_LEN
+        self.n, self.u, self.r = n, u, r
+        # Room for about four iterations' rows from the start (the window holds up to r, sharing hot rows).
+        ecap = _pow2(4 * u + 64)
+        self._set_entries(_entries(n, ecap))
+        self.EFS = np.zeros((n, ecap), np.int32)
+        self.Hh = np.zeros((n, _pow2(ecap), 2), np.int64)
+        self.M = np.zeros((n, fp.M_LEN), np.int64)
+        self.Wu = np.zeros((n, r * u), np.int32)
+        self.Wn = np.zeros((n, r), np.int64)
+        self.Wi = np.zeros((n, r * u), np.int32)
+        self.Wx = np.zeros((n, r * u), np.int32)
+        self.S = np.zeros((n, 1024), np.int64)
+        nlists = fp.NCLASS + (r if cfg.policy == "bagpipe" else 0)
+        self.Q = np.zeros((n, 1024, 3), np.int64)
+        self.QFS = np.zeros((n, 1024), np.int32)
+        self.QH = np.full((n, nlists, 3), -1, np.int64)
+        self.QL = np.zeros((n, r + 1), np.int64)
+        self.QP = np.zeros((n, r), np.int64)
+        self.HP = np.zeros((n, 64, 5), np.int64)
+        self.HN = np.zeros(n, np.int64)
+        self.Gh = _index(1024)
+        self.GE = np.zeros((512, gw), np.int64)
+        self.GFS = np.zeros(512, np.int64)
+        self.GM = np.zeros(fp.GM_LEN, np.int64)
+        self.LW = _index(1024)
+        self.WQ = np.zeros((1024, 2), np.int64)
+        self.ST = np.zeros((n, fp.S_LEN), np.int64)
+        pinned = pinned or [np.zeros(0, np.int64)] * n
+        width = max(1, max(len(p) for p in pinned))
+        self.PK = np.zeros((n, width), np.int64)
+        self.PN = np.zeros(n, np.int64)
+        for t, p in enumerate(pinned):
+            self.PK[t, :len(p)] = p
+            self.PN[t] = len(p)
+        self.distinct = np.zeros(n, np.int64)
+        self.counts = np.zeros((n, 4), np.int64)
+        self.new_off = np.zeros(n + 1, np.int64)
+        # Scratch, reused by every kernel call (fresh buffers would cost page faults at every step).
+        self.WL = np.zeros((n, 6, u), np.int64)
+        self.WEV = np.zeros((n, 0, 4), np.int64)
+        self.WCAN = np.zeros((n, 0, 3), np.int64)
+        self.WNEW = np.zeros((n, 0, 2), np.int64)
+        self.WEVF = np.zeros((0, 4), np.int64)
+        self.WCANF = np.zeros((0, 3), np.int64)
+        self.WNEWF = np.zeros((0, 2), np.int64)
+        self.WJR = np.zeros((0, 4), np.int64)
+        self.WIN = np.zeros((0, 3), np.int64)
 
-def _prio_lfu(c: _TrainerCache, key: int) -> tuple:
-    return (c.freq.get(key, 0), c.last_use.get(key, -1), key)
+    def _set_entries(self, e64: np.ndarray) -> None:
+        self.E64 = e64
+        self.E32 = e64.view(np.int32)  # the same records, seen as 16 int32 fields
 
+    # ------------------------------------------------------------ growth
+    def before_load(self) -> None:
+        """Room for one more iteration in the window: u new entries and queue nodes per trainer."""
+        u = self.u
+        count = int(self.M[:, fp.M_ECOUNT].max())
+        if count + u > self.E64.shape[1]:
+            cap = _pow2(2 * (count + u))
+            self._set_entries(_entries(self.n, cap, self.E64))
+            self.EFS = _grown(self.EFS, 1, cap)
+        cap = _index_size(count, u, self.Hh.shape[1])
+        if cap != self.Hh.shape[1]:
+            new = np.zeros((self.n, cap, 2), np.int64)
+            for t in range(self.n):
+                fp.rehash(self.Hh[t], new[t])
+            self.Hh = new
+        if self.C[fp.C_POLICY] == fp.P_BAGPIPE:
+            self._nodes(u)
 
-_PRIORITY: dict[str, Callable[[_TrainerCache, int], tuple]] = {
-    "bagpipe": _prio_furthest,
-    "bagpipe-original": _prio_furthest,
-    "lru": _prio_lru,
-    "lru-prefetch": _prio_lru,
-    "static": _prio_lru,
-    "none": _prio_lru,
-    "lfu": _prio_lfu,
-}
+    def before_step(self, k: int) -> None:
+        """Room for step k: scratch for its records, slots, queue nodes, heap entries, episodes, versions."""
+        c, r = self.C, self.r
+        jmax = min(k + int(c[fp.C_LEAD]), int(c[fp.C_ITERS]) - 1)
+        acq = np.zeros(self.n, np.int64)
+        for j in range(k, jmax + 1):
+            acq += self.Wn[:, j % r]
+        drops = self.Wn[:, (k - 1) % r] if k > 0 else np.zeros(self.n, np.int64)
+        fetched, dropped = int(acq.sum()), int(drops.sum())
+        reads = int(self.Wn[:, k % r].sum())
+        each = int((acq + drops).max())
+        if self.WEV.shape[1] < each:
+            self.WEV = np.zeros((self.n, _pow2(each), 4), np.int64)
+        if self.WCAN.shape[1] < int(acq.max()):
+            self.WCAN = np.zeros((self.n, _pow2(int(acq.max())), 3), np.int64)
+            self.WNEW = np.zeros((self.n, _pow2(int(acq.max())), 2), np.int64)
+        if self.WEVF.shape[0] < fetched + dropped:
+            self.WEVF = np.zeros((_pow2(fetched + dropped), 4), np.int64)
+        if self.WCANF.shape[0] < fetched:
+            self.WCANF = np.zeros((_pow2(fetched), 3), np.int64)
+            self.WNEWF = np.zeros((_pow2(fetched), 2), np.int64)
+            self.WJR = np.zeros((_pow2(2 * fetched), 4), np.int64)
+        if self.WIN.shape[0] < self.n * reads:
+            self.WIN = np.zeros((_pow2(self.n * reads), 3), np.int64)
+        need_slots = int((self.M[:, fp.M_NEXTSLOT] + acq).max())
+        if need_slots > self.S.shape[1]:
+            self.S = _grown(self.S, 1, _pow2(2 * need_slots))
+        if c[fp.C_POLICY] in (fp.P_BAGPIPE, fp.P_LRU, fp.P_LRU_PREFETCH, fp.P_LFU):
+            self._nodes(int(drops.max()))  # every row used at k-1 is queued again
+            self._heap(int(self.M[:, fp.M_HOT].max()))
+        self._global(fetched, fetched + dropped)
 
+    def before_flush(self) -> None:
+        """Room for the versions of the final write-backs."""
+        self._global(0, int(self.M[:, fp.M_RES].sum()))
 
-def batch_keys(rows: np.ndarray) -> np.ndarray:
-    """Per-table row ids [B, T] -> int64 keys [B, T]."""
-    rows = np.asarray(rows, dtype=np.int64)
-    return make_keys(np.arange(rows.shape[1], dtype=np.int64)[None, :], rows)
+    def _nodes(self, need: int) -> None:
+        free = self.Q.shape[1] - int(self.M[:, fp.M_NLIVE].max())
+        if free >= need:
+            return
+        fp.compact_nodes(self.E64, self.Q, self.QH, self.QFS, self.M)
+        live = int(self.M[:, fp.M_NLIVE].max())
+        if self.Q.shape[1] - live < 2 * need or live > self.Q.shape[1] // 2:
+            cap = _pow2(2 * (live + 2 * need))
+            self.Q = _grown(self.Q, 1, cap)
+            self.QFS = _grown(self.QFS, 1, cap)
+
+    def _heap(self, need: int) -> None:
+        if int(self.HN.max()) + need <= self.HP.shape[1]:
+            return
+        fp.compact_heaps(self.E64, self.HP, self.HN)
+        size = int(self.HN.max())
+        if size + need > self.HP.shape[1] // 2:
+            self.HP = _grown(self.HP, 1, _pow2(2 * (size + need)))
+
+    def _global(self, episodes: int, writebacks: int) -> None:
+        gm = self.GM
+        count = int(gm[fp.GM_COUNT])
+        if count + episodes > self.GE.shape[0]:
+            cap = _pow2(2 * (count + episodes))
+            self.GE = _grown(self.GE, 0, cap)
+            self.GFS = _grown(self.GFS, 0, cap)
+        cap = _index_size(count, episodes, self.Gh.shape[0])
+        if cap != self.Gh.shape[0]:
+            new = _index(cap)
+            fp.rehash(self.Gh, new)
+            self.Gh = new
+        wb = int(gm[fp.GM_WB_COUNT])
+        cap = _index_size(wb, writebacks, self.LW.shape[0])
+        if cap != self.LW.shape[0]:
+            new = _index(cap)
+            fp.rehash(self.LW, new)
+            self.LW = new
+        head, tail = int(gm[fp.GM_WQ_HEAD]), int(gm[fp.GM_WQ_TAIL])
+        if tail + writebacks > self.WQ.shape[0]:
+            live = tail - head
+            cap = self.WQ.shape[0]
+            if live + writebacks > cap // 2:
+                cap = _pow2(2 * (live + writebacks))
+            wq = np.zeros((cap, 2), np.int64)
+            wq[:live] = self.WQ[head:tail]
+            self.WQ = wq
+            gm[fp.GM_WQ_HEAD], gm[fp.GM_WQ_TAIL] = 0, live
+
+    def rows(self) -> int:
+        """Rows the state tracks now: per-trainer entries, episodes and unacknowledged write-backs."""
+        return int(self.M[:, fp.M_ECOUNT].sum() + self.GM[fp.GM_COUNT] + self.GM[fp.GM_WB_COUNT])
+
+    def nbytes(self) -> int:
+        """Bytes of every array (E32 is a view of E64)."""
+        return sum(v.nbytes for k, v in vars(self).items() if isinstance(v, np.ndarray) and k != "E32")
 
 
 class Planner:
@@ -182,7 +269,7 @@ class Planner:
 
     Use ``plans()`` for the stream of ``(iteration, [Plan per trainer])``.
     The planner keeps only the window [current, current + horizon] of
-    batches and hash maps of the rows resident or in the window: its memory
+    batches and hash tables of the rows resident or in the window: its memory
     grows with the window and the cache, never with table size.
     """
 
@@ -192,335 +279,238 @@ class Planner:
         self.n = cfg.trainers
         self.local_b = cfg.batch_size // cfg.trainers
         self.iterations = min(cfg.iterations, len(batches))
-        bounded = cfg.policy not in ("bagpipe-original", "none")
-        self.caches = [_TrainerCache(cfg.cache_rows, bounded) for _ in range(self.n)]
-        self.priority = _PRIORITY[cfg.policy]
-        self.window: dict[int, _IterRows] = {}
-        self.loaded = 0  # iterations [0, loaded) have entered the window
-        self.episodes: dict[int, _Episode] = {}
-        # version of the last write-back of a row whose write-back may not have landed yet
-        self.last_wb: dict[int, int] = {}
-        self.wb_applied_through = -1  # every write-back after iterations <= this has landed
         self.stats = [PlanStats() for _ in range(self.n)]
+        self.wb_applied_through = -1  # every write-back after iterations <= this has landed
+        self._pinned: list[np.ndarray] | None = None
         if cfg.policy == "static":
             if pinned is None:
                 pinned = pinned_rows(cfg, batches)
-            for c, rows in zip(self.caches, pinned):
-                c.pinned = rows
+            self._pinned = [np.array(sorted(p), np.int64) for p in pinned]
+        self._state: _State | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._loading: list[Future] = []  # the next batch, loading while the current one is planned
+        self._loaded = 0  # iterations [0, loaded) have entered the window
 
-    # ----------------------------------------------------------------- window
+    # ------------------------------------------------------------- window
+    def _rows(self, i: int) -> np.ndarray:
+        rows = np.asarray(self.batches[i])
+        if rows.ndim != 2:
+            raise PlanError(f"batch {i} has shape {rows.shape}, expected [batch_size, tables]")
+        if rows.shape[0] != self.cfg.batch_size:
+            raise PlanError(f"batch {i} has {rows.shape[0]} rows, expected batch_size {self.cfg.batch_size}")
+        return np.ascontiguousarray(rows, dtype=np.int64)
+
     def _load(self, upto: int) -> None:
-        """Bring iterations [loaded, upto] into the window and record their uses."""
-        while self.loaded <= min(upto, self.iterations - 1):
-            i = self.loaded
-            keys = batch_keys(self.batches[i])
-            if keys.shape[0] != self.cfg.batch_size:
-                raise PlanError(f"batch {i} has {keys.shape[0]} rows, expected batch_size {self.cfg.batch_size}")
-            rows = _IterRows([], [], [])
-            for t, c in enumerate(self.caches):
-                part = keys[t * self.local_b:(t + 1) * self.local_b]
-                uniq, inv = np.unique(part, return_inverse=True)
-                rows.keys.append(part)
-                rows.uniq.append(uniq)
-                rows.inverse.append(inv.reshape(part.shape))
-                if len(uniq) > c.capacity and c.bounded:
+        """Bring iterations [loaded, upto] into the window."""
+        while self._loaded <= min(upto, self.iterations - 1):
+            self._end_load(self._start_load())
+
+    def _start_load(self) -> list[Future]:
+        """Check batch ``loaded``, make room for it, and start loading it into every trainer's window."""
+        i = self._loaded
+        rows = self._rows(i)
+        s = self._state
+        if s is None:
+            s = self._state = _State(self.cfg, self.iterations, rows.shape[1], self._pinned)
+        elif rows.shape[1] != int(s.C[fp.C_T]):
+            raise PlanError(f"batch {i} has {rows.shape[1]} tables, batch 0 has {int(s.C[fp.C_T])}")
+        s.before_load()
+        return self._each_trainer(lambda t: fp.load(
+            s.C, i, t, rows, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wi, s.Wx, s.Q, s.QH, s.QFS, s.QL, s.PK,
+            s.PN, s.distinct, s.WL), wait=False)
+
+    def _end_load(self, jobs: list[Future]) -> None:
+        for job in jobs:
+            job.result()
+        self._loading = []
+        i, s = self._loaded, self._state
+        if self.cfg.policy not in ("bagpipe-original", "none"):
+            for t in range(self.n):
+                if s.distinct[t] > self.cfg.cache_rows:
                     raise PlanError(
-                        f"cache_rows={c.capacity} is too small: trainer {t} reads {len(uniq)} distinct rows "
-                        f"in iteration {i}; the smallest workable cache_rows is {self.min_cache_rows()}")
-                for key in uniq.tolist():
-                    q = c.uses.get(key)
-                    if q is None:
-                        c.uses[key] = deque((i,))
-                    else:
-                        if not q and key in c.slot_of:
-                            q.append(i)
-                            self._push(c, key)  # its next use was beyond the window
-                            continue
-                        q.append(i)
-            self.window[i] = rows
-            self.loaded += 1
+                        f"cache_rows={self.cfg.cache_rows} is too small: trainer {t} reads {int(s.distinct[t])} "
+                        f"distinct rows in iteration {i}; the smallest workable cache_rows is "
+                        f"{self.min_cache_rows()}")
+        self._loaded += 1
 
     def min_cache_rows(self) -> int:
         """The smallest capacity that can run: the most distinct rows one trainer reads in one iteration."""
         need = 0
         for i in range(self.iterations):
-            keys = batch_keys(self.batches[i])
+            rows = np.ascontiguousarray(self.batches[i], dtype=np.int64)
             for t in range(self.n):
-                need = max(need, len(np.unique(keys[t * self.local_b:(t + 1) * self.local_b])))
+                need = max(need, len(fp.distinct_keys(rows, t * self.local_b, self.local_b)))
         return need
-
-    def _push(self, c: _TrainerCache, key: int) -> None:
-        heapq.heappush(c.heap, (self.priority(c, key), key))
 
     def note_writebacks_applied(self, through_iteration: int) -> None:
         """Write-backs after iterations <= ``through_iteration`` have landed (trainer acks)."""
         if through_iteration > self.wb_applied_through:
             self.wb_applied_through = through_iteration
-            stale = [k for k, v in self.last_wb.items() if v <= through_iteration]
-            for k in stale:
-                del self.last_wb[k]
+            if self._state is not None:
+                s = self._state
+                fp.forget_writebacks(through_iteration, s.GM, s.LW, s.WQ)
 
-    # ------------------------------------------------------------ victims
-    def _find_victim(self, c: _TrainerCache, need_at: int, skipped: list) -> int | None:
-        """The resident row to evict for a row needed at ``need_at``, or None.
+    def state_rows(self) -> int:
+        """Rows the planner tracks now (resident, in the window, in an episode, or with a write-back in flight)."""
+        self._settle()
+        return 0 if self._state is None else self._state.rows()
 
-        Eligible: not pinned, and not needed at or before ``need_at`` (a prefetch
-        never evicts a row an earlier or the current iteration still reads).
-        """
-        while c.heap:
-            prio, key = c.heap[0]
-            if key not in c.slot_of or key in c.pinned or prio != self.priority(c, key):
-                heapq.heappop(c.heap)  # stale entry
-                continue
-            if c.next_use(key) <= need_at:
-                if self.cfg.policy in ("bagpipe", "bagpipe-original"):
-                    return None  # furthest next use is too soon: nothing better exists
-                skipped.append(heapq.heappop(c.heap))
-                continue
-            heapq.heappop(c.heap)
-            return key
-        return None
+    def state_nbytes(self) -> int:
+        """Bytes of the planner's arrays."""
+        self._settle()
+        return 0 if self._state is None else self._state.nbytes()
+
+    def _settle(self) -> None:
+        """Wait for the batch loading in the background (its errors surface where the reference raises them)."""
+        for job in self._loading:
+            job.exception()
 
     # ------------------------------------------------------------- planning
     def plans(self) -> Iterator[tuple[int, list[Plan]]]:
         """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer."""
+        cores = os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(min(self.n, cores), thread_name_prefix="planner") if cores > 1 else None
+        try:
+            yield from self._plans()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _each_trainer(self, fn: Callable[[int], None], wait: bool = True) -> list[Future]:
+        """Run ``fn(t)`` for every trainer: in the pool's threads when there are cores (the kernels release
+        the GIL), else here. With ``wait=False`` return the running jobs."""
+        if self._pool is None:
+            for t in range(self.n):
+                fn(t)
+            return []
+        jobs = [self._pool.submit(fn, t) for t in range(self.n)]
+        if wait:
+            for job in jobs:
+                job.result()
+        return jobs
+
+    def _plans(self) -> Iterator[tuple[int, list[Plan]]]:
+        ahead = max(self.cfg.horizon, self.cfg.fetch_lead)
         prev: list[Plan] | None = None
+        failed: PlanError | None = None  # loading the next batch failed: raised where the reference raises it
         for k in range(self.iterations):
-            self._load(k + max(self.cfg.horizon, self.cfg.fetch_lead))
-            evictions, cancels = self._advance(k)
+            if failed is not None:
+                raise failed
+            self._load(k + ahead)
+            s = self._state
+            s.before_step(k)
+            self._each_trainer(lambda t: fp.advance(
+                s.C, t, k, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wx, s.S, s.Q, s.QH, s.QFS,
+                s.QL, s.QP, s.HP, s.HN, s.GE, s.ST, s.WEV, s.WCAN, s.WNEW, s.counts))
+            # The next step's batch loads while this step plans: loading touches only the trainers'
+            # windows (fields of the rows that planning does not write), planning only the rest.
+            jobs: list[Future] = []
+            loading = self._loaded == k + ahead + 1 < self.iterations
+            if loading:
+                try:
+                    jobs = self._loading = self._start_load()
+                except PlanError as exc:
+                    failed, loading = exc, False
+            out = fp.finish_step(s.C, k, s.GE, s.GM, s.GFS, s.Gh, s.LW, s.WQ, s.ST, s.WEV, s.WCAN, s.WNEW,
+                                 s.counts, s.WEVF, s.WCANF, s.WNEWF, s.new_off)
+            err, err_t = out[0], out[1]
+            if err != fp.ERR_OK:
+                for job in jobs:
+                    job.result()
+            if err == fp.ERR_NO_ROOM:
+                raise PlanError(f"trainer {err_t} found no room for iteration {k}'s rows (internal error)")
+            if err != fp.ERR_OK:
+                raise PlanError(f"trainer {err_t}: planner state is inconsistent at iteration {k} (internal error)")
+            self._sync_stats()
             if prev is not None:
-                self._finish_evictions(prev, evictions, cancels, k - 1)
+                self._attach_evictions(prev, out[2:])
                 yield k - 1, prev
-            prev = self._plan_iteration(k)
+            # Plan k only now, as the reference does: acknowledgements received while the
+            # consumer held plan k-1 already decide the versions plan k's fetches name.
+            planned = fp.plan_iteration(s.C, k, s.E64, s.E32, s.M, s.Wu, s.Wn, s.Wi, s.Gh, s.GE, s.GM, s.GFS,
+                                        s.LW, s.ST, s.WNEWF, s.new_off, s.WJR, s.WIN)
+            if loading:
+                try:
+                    self._end_load(jobs)
+                except PlanError as exc:
+                    failed = exc
+            self._sync_stats()
+            prev = self._assemble(k, planned)
         if prev is not None:
-            self._flush_all(prev, self.iterations - 1)
+            s = self._state
+            s.before_flush()
+            out = fp.flush(s.C, self.iterations - 1, s.E64, s.E32, s.EFS, s.Hh, s.M, s.S, s.QL, s.QP, s.Gh,
+                           s.GE, s.GM, s.GFS, s.LW, s.WQ, s.ST)
+            self._sync_stats()
+            self._attach_evictions(prev, out)
             yield self.iterations - 1, prev
 
-    def _advance(self, k: int) -> tuple[list[list[tuple[int, int]]], list[list[int]]]:
-        """Retire iteration k-1's uses and choose what each trainer evicts after it.
+    def _sync_stats(self) -> None:
+        st = self._state.ST
+        for t, s in enumerate(self.stats):
+            for c, name in enumerate(_STAT_FIELDS):
+                setattr(s, name, int(st[t, c]))
 
-        Returns per trainer: the (key, slot) evicted after k-1, and the fetch ids cancelled.
-        """
-        evictions: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
-        cancels: list[list[int]] = [[] for _ in range(self.n)]
-        if k > 0:
-            done = self.window.pop(k - 1)
-            for t, c in enumerate(self.caches):
-                for key in done.uniq[t].tolist():
-                    q = c.uses[key]
-                    q.popleft()
-                    c.last_use[key] = k - 1
-                    c.freq[key] = c.freq.get(key, 0) + 1
-                    if not q and key not in c.slot_of:
-                        del c.uses[key]
-                    else:
-                        self._push(c, key)
-                # Policies that evict right after use, whatever the capacity.
-                policy, used = self.cfg.policy, done.uniq[t].tolist()
-                if policy == "none":
-                    drop = used
-                elif policy == "static":
-                    drop = [x for x in used if x not in c.pinned]
-                elif policy == "bagpipe-original":
-                    # The original rule: keep a row while its reuse gap is under the lookahead.
-                    drop = [x for x in used if c.next_use(x) > k - 1 + self.cfg.horizon]
-                else:
-                    drop = []
-                evictions[t].extend((key, self._release(c, key)) for key in drop)
-        self._acquire(k, evictions, cancels)
-        return evictions, cancels
-
-    def _release(self, c: _TrainerCache, key: int) -> int:
-        """Give up a row's slot; returns the slot."""
-        slot = c.slot_of.pop(key)
-        c.free.append(slot)
-        c.freq.pop(key, None)
-        if not c.uses.get(key):
-            c.uses.pop(key, None)
-            c.last_use.pop(key, None)
-        return slot
-
-    def _drop_founder(self, t: int, key: int) -> None:
-        """A founder gives up a row before installing it: its fetch is cancelled."""
-        ep = self.episodes[key]
-        del ep.pending[t]
-        if not ep.present and not ep.pending:
-            del self.episodes[key]  # never used, never changed: nothing to write back
-
-    def _acquire(self, k: int, evictions: list[list[tuple[int, int]]], cancels: list[list[int]]) -> None:
-        """Choose the rows each trainer fetches at the start of k, and the victims they displace."""
-        self._new: list[list[tuple[int, int, int]]] = [[] for _ in range(self.n)]  # (key, slot, need)
-        lead = self.cfg.fetch_lead
-        for t, c in enumerate(self.caches):
-            skipped: list = []
-            deferred = False
-            for j in range(k, min(k + lead, self.iterations - 1) + 1):
-                if deferred:
-                    break
-                for key in self.window[j].uniq[t].tolist():
-                    if key in c.slot_of:
-                        continue
-                    slot = c.take_slot()
-                    if slot is None:
-                        victim = self._find_victim(c, j, skipped)
-                        if victim is None:
-                            if j == k:
-                                raise PlanError(f"trainer {t} found no room for iteration {k}'s rows (internal error)")
-                            self.stats[t].fetches_deferred += 1
-                            deferred = True  # fetch it (and everything later) at a later step
-                            break
-                        if victim in c.pending_fetch:
-                            cancels[t].append(c.pending_fetch.pop(victim))
-                            self._drop_founder(t, victim)
-                            self._release(c, victim)
-                        else:
-                            evictions[t].append((victim, self._release(c, victim)))
-                        slot = c.take_slot()
-                    c.slot_of[key] = slot
-                    self._push(c, key)
-                    self._new[t].append((key, slot, j))
-            for item in skipped:
-                heapq.heappush(c.heap, item)
-            resident = len(c.slot_of)
-            self.stats[t].peak_resident_rows = max(self.stats[t].peak_resident_rows, resident)
-
-    def _plan_iteration(self, k: int) -> list[Plan]:
-        """Build plan k: fetches and joins of the new rows, installs, reads and syncs."""
-        plans = [Plan.empty(k, t, self.local_b, 0) for t in range(self.n)]
-        fetches: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]  # (key, version)
-        joins: dict[int, list[tuple[int, int, int]]] = {}  # key -> [(trainer, slot, send)]
-        installs: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]  # (fetch id, slot)
-        first_ids = [c.next_fetch_id for c in self.caches]
-        # 1. Where each new row comes from: a live episode (join), or the store.
-        for t, c in enumerate(self.caches):
-            for key, slot, _need in self._new[t]:
-                ep = self.episodes.get(key)
-                if ep is not None and ep.live:
-                    if key not in joins:  # the sender holds the row since before this iteration
-                        sender = min(ep.present)
-                        joins[key] = [(sender, self.caches[sender].slot_of[key], 1)]
-                    joins[key].append((t, slot, 0))
-                    ep.present.add(t)
-                    self.stats[t].rows_joined += 1
-                    continue
-                if ep is None:
-                    ep = self.episodes[key] = _Episode()
-                fid = c.next_fetch_id
-                c.next_fetch_id += 1
-                c.pending_fetch[key] = fid
-                ep.pending[t] = fid
-                fetches[t].append((key, self.last_wb.get(key, -1)))
-                self.stats[t].rows_fetched += 1
-        # 2. Rows read at k: an episode not yet live goes live now, all founders install.
-        rows = self.window[k]
-        used_by: dict[int, list[int]] = {}
-        for t, c in enumerate(self.caches):
-            uniq = rows.uniq[t]
-            slots = np.empty(len(uniq), dtype=np.int32)
-            for idx, key in enumerate(uniq.tolist()):
-                slots[idx] = c.slot_of[key]
-                ep = self.episodes[key]
-                if not ep.live:
-                    for holder, fid in ep.pending.items():
-                        hc = self.caches[holder]
-                        installs[holder].append((fid, hc.slot_of[key]))
-                        del hc.pending_fetch[key]
-                        ep.present.add(holder)
-                    ep.pending.clear()
-                    ep.live = True
-                used_by.setdefault(key, []).append(t)
-            plans[t].read_slots = slots[rows.inverse[t]]
-        # 3. Syncs: rows used now and held by two or more trainers.
-        sync_keys = sorted(key for key in used_by if len(self.episodes[key].present) > 1)
-        sync: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
-        for pos, key in enumerate(sync_keys):
-            for t in sorted(self.episodes[key].present):
-                sync[t].append((pos, self.caches[t].slot_of[key]))
-                self.stats[t].rows_synced += 1
-        join_keys = sorted(joins)
-        join_rows: list[list[tuple[int, int, int]]] = [[] for _ in range(self.n)]
-        for pos, key in enumerate(join_keys):
-            for t, slot, send in joins[key]:
-                join_rows[t].append((pos, slot, send))
-        for t, p in enumerate(plans):
-            c = self.caches[t]
-            f = fetches[t]
-            p.fetch_keys = np.array([x[0] for x in f], dtype=np.int64)
-            p.fetch_versions = np.array([x[1] for x in f], dtype=np.int64)
-            p.first_fetch_id = first_ids[t]
-            p.install_ids = np.array([x[0] for x in installs[t]], dtype=np.int64)
-            p.install_slots = np.array([x[1] for x in installs[t]], dtype=np.int32)
-            p.sync_pos = np.array([x[0] for x in sync[t]], dtype=np.int32)
-            p.sync_slots = np.array([x[1] for x in sync[t]], dtype=np.int32)
-            p.n_sync = len(sync_keys)
-            p.join_pos = np.array([x[0] for x in join_rows[t]], dtype=np.int32)
-            p.join_slots = np.array([x[1] for x in join_rows[t]], dtype=np.int32)
-            p.join_send = np.array([x[2] for x in join_rows[t]], dtype=np.uint8)
-            p.n_join = len(join_keys)
-            p.slots_needed = c.next_slot
+    def _assemble(self, k: int, out: tuple) -> list[Plan]:
+        (read, f_key, f_ver, f_off, first_fid, in_id, in_slot, in_off,
+         sy_pos, sy_slot, sy_off, n_sync, jo_pos, jo_slot, jo_send, jo_off, n_join, slots_needed) = out
+        plans = []
+        for t in range(self.n):
+            a, b = f_off[t], f_off[t + 1]
+            c, d = in_off[t], in_off[t + 1]
+            e, f = sy_off[t], sy_off[t + 1]
+            g, h = jo_off[t], jo_off[t + 1]
+            plans.append(Plan(
+                iteration=k, rank=t, read_slots=read[t], fetch_keys=f_key[a:b], fetch_versions=f_ver[a:b],
+                install_ids=in_id[c:d], install_slots=in_slot[c:d], sync_pos=sy_pos[e:f], sync_slots=sy_slot[e:f],
+                join_pos=jo_pos[g:h], join_slots=jo_slot[g:h], join_send=jo_send[g:h],
+                evict_slots=_EMPTY_I32, evict_keys=_EMPTY_I64, evict_write=_EMPTY_U8, cancel_ids=_EMPTY_I64,
+                n_sync=int(n_sync), n_join=int(n_join), first_fetch_id=int(first_fid[t]),
+                slots_needed=int(slots_needed[t])))
         return plans
 
-    def _finish_evictions(self, plans: list[Plan], evictions: list[list[tuple[int, int]]],
-                          cancels: list[list[int]], after: int) -> None:
-        """Attach the evictions after iteration ``after`` to its plans; the last holder writes back."""
-        ended: dict[int, int] = {}  # key -> writer
-        for t in range(self.n):
-            for key, _slot in evictions[t]:
-                ep = self.episodes[key]
-                ep.present.discard(t)
-                if not ep.present and not ep.pending:
-                    ended[key] = min(ended.get(key, t), t)
-        for key in ended:
-            del self.episodes[key]
-            self.last_wb[key] = after
+    def _attach_evictions(self, plans: list[Plan], out: tuple) -> None:
+        ev_key, ev_slot, ev_write, ev_off, can_id, can_off = out
         for t, p in enumerate(plans):
-            ev = evictions[t]
-            write = [int(ended.get(key) == t) for key, _ in ev]
-            self.stats[t].rows_written_back += sum(write)
-            p.evict_slots = np.array([slot for _, slot in ev], dtype=np.int32)
-            p.evict_keys = np.array([key for key, _ in ev], dtype=np.int64)
-            p.evict_write = np.array(write, dtype=np.uint8)
-            p.cancel_ids = np.array(cancels[t], dtype=np.int64)
+            a, b = ev_off[t], ev_off[t + 1]
+            p.evict_slots = ev_slot[a:b]
+            p.evict_keys = ev_key[a:b]
+            p.evict_write = ev_write[a:b]
+            p.cancel_ids = can_id[can_off[t]:can_off[t + 1]]
 
-    def _flush_all(self, plans: list[Plan], after: int) -> None:
-        """After the last iteration every cached row is evicted, and written back once."""
-        evictions: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
-        cancels: list[list[int]] = [[] for _ in range(self.n)]
-        for t, c in enumerate(self.caches):
-            for key in list(c.slot_of):
-                if key in c.pending_fetch:
-                    cancels[t].append(c.pending_fetch.pop(key))
-                    self._drop_founder(t, key)
-                    self._release(c, key)
-                else:
-                    evictions[t].append((key, self._release(c, key)))
-        self._finish_evictions(plans, evictions, cancels, after)
+
+_EMPTY_I32 = np.zeros(0, np.int32)
+_EMPTY_I64 = np.zeros(0, np.int64)
+_EMPTY_U8 = np.zeros(0, np.uint8)
 
 
 def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
     """The ``static`` policy's pinned rows: each trainer's most frequent rows, counted in one pass.
 
     The pinned set leaves room in the cache for one iteration's other rows
-    (a per-batch scratch area), so the capacity bound still holds.
+    (a per-batch scratch area), so the capacity bound still holds. Same sets
+    as ``oracle.reference.pinned_rows``: count = iterations a row is read in,
+    ties broken by the smaller key.
     """
     local_b = cfg.batch_size // cfg.trainers
     iterations = min(cfg.iterations, len(batches))
-    counts: list[dict[int, int]] = [dict() for _ in range(cfg.trainers)]
+    seen: list[list[np.ndarray]] = [[] for _ in range(cfg.trainers)]
     per_iter_max = [0] * cfg.trainers
     for i in range(iterations):
-        keys = batch_keys(batches[i])
+        rows = np.ascontiguousarray(batches[i], dtype=np.int64)
         for t in range(cfg.trainers):
-            uniq = np.unique(keys[t * local_b:(t + 1) * local_b])
+            uniq = fp.distinct_keys(rows, t * local_b, local_b)
             per_iter_max[t] = max(per_iter_max[t], len(uniq))
-            c = counts[t]
-            for key in uniq.tolist():
-                c[key] = c.get(key, 0) + 1
+            seen[t].append(uniq)
     pinned = []
     for t in range(cfg.trainers):
         room = cfg.cache_rows - per_iter_max[t]
         if room < 0:
             raise PlanError(f"cache_rows={cfg.cache_rows} is too small: trainer {t} reads "
                             f"{per_iter_max[t]} distinct rows in one iteration")
-        ranked = sorted(counts[t].items(), key=lambda kv: (-kv[1], kv[0]))
-        pinned.append({key for key, _ in ranked[:room]})
+        keys, counts = np.unique(np.concatenate(seen[t]) if seen[t] else np.zeros(0, np.int64),
+                                 return_counts=True)
+        ranked = np.lexsort((keys, -counts))
+        pinned.append(set(keys[ranked[:room]].tolist()))
     return pinned

@@ -1,0 +1,532 @@
+"""The Oracle Cacher's planner in plain Python: the executable specification.
+
+This module is the readable statement of what a plan is. ``oracle.planner``
+(the module everyone imports) computes the same plans with compiled kernels
+(``oracle.fastplan``), and ``tests/test_planner_fast.py`` holds it to this
+one array by array, for every policy. Change the rules here first, then
+make the fast planner agree.
+
+Given the sequence of global batches (sparse ids only), it decides for every
+iteration and every trainer which rows to fetch into which cache slots,
+which to evict and who writes them back, where every read finds its row, and
+which rows' gradients are combined across trainers. ``oracle.process`` ships
+these plans over ZeroMQ; ``oracle.simulate`` runs the same rules offline.
+
+Consistency across trainers (episodes)
+--------------------------------------
+A row may sit in several trainers' caches at once. The set of trainers that
+hold it, from the first fetch until the last of them evicts it, is an
+*episode*. Every copy in an episode has the same value at every iteration:
+
+* The first holders (*founders*) fetch the row from the store while nobody
+  has updated it yet; they all install it at the episode's first use, so
+  they all see every update.
+* Once the episode is *live* (updated at least once), a trainer that needs
+  the row *joins*: a holder contributes the row's value (embedding and
+  optimizer state) to the iteration's all-reduce and the joiner receives it.
+  The store is never read while a newer value sits in a cache.
+* At every iteration, a row used by anyone and held by two or more trainers
+  is *synced*: its gradient is all-reduced among all trainers and every
+  holder applies the same update.
+* The last holder to evict writes the row back with version = the iteration
+  after which it was evicted. A later episode's fetch names that version;
+  the trainer re-reads until the store has it (no stale read).
+
+Capacity: each trainer holds at most ``cache_rows`` rows (installed or
+fetched ahead). Rows that cannot be placed ahead of time are fetched later,
+at the latest in the iteration that reads them; only a batch whose own rows
+exceed the capacity is refused, up front, with the smallest workable size.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from bagpipe.keys import make_keys
+from bagpipe.wire import Plan
+
+log = logging.getLogger("bagpipe")
+
+INF = 1 << 62
+PLANNED_POLICIES = ("none", "lru", "lfu", "lru-prefetch", "static", "bagpipe", "bagpipe-original")
+
+
+class PlanError(ValueError):
+    """The plan cannot be made with this configuration (for example, too small a cache)."""
+
+
+class BatchSource(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    policy: str
+    cache_rows: int
+    lead: int
+    horizon: int
+    trainers: int
+    batch_size: int  # global
+    iterations: int
+
+    def __post_init__(self) -> None:
+        if self.policy not in PLANNED_POLICIES:
+            raise PlanError(f"policy '{self.policy}' is not planned by the oracle ({', '.join(PLANNED_POLICIES)})")
+        if self.batch_size % self.trainers:
+            raise PlanError(f"batch_size {self.batch_size} is not divisible by trainers={self.trainers}")
+        if self.horizon < self.lead:
+            raise PlanError(f"horizon {self.horizon} < lead {self.lead}")
+
+    @property
+    def fetch_lead(self) -> int:
+        """How many iterations ahead of use the policy fetches."""
+        if self.policy in ("bagpipe", "bagpipe-original"):
+            return self.lead
+        if self.policy == "lru-prefetch":
+            return 1
+        return 0  # demand policies fetch in the iteration that reads
+
+
+@dataclass
+class PlanStats:
+    rows_fetched: int = 0
+    rows_joined: int = 0
+    rows_written_back: int = 0
+    rows_synced: int = 0
+    fetches_deferred: int = 0
+    peak_resident_rows: int = 0
+
+
+@dataclass
+class _IterRows:
+    """One iteration's rows, per trainer."""
+
+    keys: list[np.ndarray]  # [b, T] int64 per trainer
+    uniq: list[np.ndarray]  # sorted unique keys per trainer
+    inverse: list[np.ndarray]  # positions of keys in uniq, [b, T]
+
+
+class _Episode:
+    __slots__ = ("present", "pending", "live")
+
+    def __init__(self) -> None:
+        self.present: set[int] = set()  # trainers with the row installed
+        self.pending: dict[int, int] = {}  # founder trainer -> fetch id, not yet installed
+        self.live = False  # updated at least once
+
+
+class _TrainerCache:
+    """One trainer's residency: slots, next uses in the window and a lazy victim heap."""
+
+    def __init__(self, capacity: int, bounded: bool) -> None:
+        self.capacity = capacity
+        self.bounded = bounded
+        self.slot_of: dict[int, int] = {}
+        self.free: list[int] = []  # slots given back, reused first
+        self.next_slot = 0  # slots [0, next_slot) have been handed out at least once
+        self.uses: dict[int, deque[int]] = {}  # key -> its iterations of use in the window
+        self.last_use: dict[int, int] = {}
+        self.freq: dict[int, int] = {}
+        self.heap: list[tuple] = []
+        self.pending_fetch: dict[int, int] = {}  # key -> fetch id, fetched but not installed
+        self.next_fetch_id = 0
+        self.pinned: set[int] = set()
+
+    def next_use(self, key: int) -> int:
+        q = self.uses.get(key)
+        return q[0] if q else INF
+
+    def take_slot(self) -> int | None:
+        if self.free:
+            return self.free.pop()
+        if not self.bounded or self.next_slot < self.capacity:
+            self.next_slot += 1
+            return self.next_slot - 1
+        return None
+
+
+# Victim priority: smaller is evicted first. Each returns a tuple compared lexicographically.
+def _prio_furthest(c: _TrainerCache, key: int) -> tuple:
+    # Beyond the horizon all rows look alike; the less often used goes first.
+    return (-c.next_use(key), c.freq.get(key, 0), c.last_use.get(key, -1), key)
+
+
+def _prio_lru(c: _TrainerCache, key: int) -> tuple:
+    return (c.last_use.get(key, -1), key)
+
+
+def _prio_lfu(c: _TrainerCache, key: int) -> tuple:
+    return (c.freq.get(key, 0), c.last_use.get(key, -1), key)
+
+
+_PRIORITY: dict[str, Callable[[_TrainerCache, int], tuple]] = {
+    "bagpipe": _prio_furthest,
+    "bagpipe-original": _prio_furthest,
+    "lru": _prio_lru,
+    "lru-prefetch": _prio_lru,
+    "static": _prio_lru,
+    "none": _prio_lru,
+    "lfu": _prio_lfu,
+}
+
+
+def batch_keys(rows: np.ndarray) -> np.ndarray:
+    """Per-table row ids [B, T] -> int64 keys [B, T]."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return make_keys(np.arange(rows.shape[1], dtype=np.int64)[None, :], rows)
+
+
+class Planner:
+    """Plans iterations 0..iterations-1 for every trainer; see the module docstring.
+
+    Use ``plans()`` for the stream of ``(iteration, [Plan per trainer])``.
+    The planner keeps only the window [current, current + horizon] of
+    batches and hash maps of the rows resident or in the window: its memory
+    grows with the window and the cache, never with table size.
+    """
+
+    def __init__(self, cfg: PlannerConfig, batches: BatchSource, pinned: list[set[int]] | None = None) -> None:
+        self.cfg = cfg
+        self.batches = batches
+        self.n = cfg.trainers
+        self.local_b = cfg.batch_size // cfg.trainers
+        self.iterations = min(cfg.iterations, len(batches))
+        bounded = cfg.policy not in ("bagpipe-original", "none")
+        self.caches = [_TrainerCache(cfg.cache_rows, bounded) for _ in range(self.n)]
+        self.priority = _PRIORITY[cfg.policy]
+        self.window: dict[int, _IterRows] = {}
+        self.loaded = 0  # iterations [0, loaded) have entered the window
+        self.episodes: dict[int, _Episode] = {}
+        # version of the last write-back of a row whose write-back may not have landed yet
+        self.last_wb: dict[int, int] = {}
+        self.wb_applied_through = -1  # every write-back after iterations <= this has landed
+        self.stats = [PlanStats() for _ in range(self.n)]
+        if cfg.policy == "static":
+            if pinned is None:
+                pinned = pinned_rows(cfg, batches)
+            for c, rows in zip(self.caches, pinned):
+                c.pinned = rows
+
+    # ----------------------------------------------------------------- window
+    def _load(self, upto: int) -> None:
+        """Bring iterations [loaded, upto] into the window and record their uses."""
+        while self.loaded <= min(upto, self.iterations - 1):
+            i = self.loaded
+            keys = batch_keys(self.batches[i])
+            if keys.shape[0] != self.cfg.batch_size:
+                raise PlanError(f"batch {i} has {keys.shape[0]} rows, expected batch_size {self.cfg.batch_size}")
+            rows = _IterRows([], [], [])
+            for t, c in enumerate(self.caches):
+                part = keys[t * self.local_b:(t + 1) * self.local_b]
+                uniq, inv = np.unique(part, return_inverse=True)
+                rows.keys.append(part)
+                rows.uniq.append(uniq)
+                rows.inverse.append(inv.reshape(part.shape))
+                if len(uniq) > c.capacity and c.bounded:
+                    raise PlanError(
+                        f"cache_rows={c.capacity} is too small: trainer {t} reads {len(uniq)} distinct rows "
+                        f"in iteration {i}; the smallest workable cache_rows is {self.min_cache_rows()}")
+                for key in uniq.tolist():
+                    q = c.uses.get(key)
+                    if q is None:
+                        c.uses[key] = deque((i,))
+                    else:
+                        if not q and key in c.slot_of:
+                            q.append(i)
+                            self._push(c, key)  # its next use was beyond the window
+                            continue
+                        q.append(i)
+            self.window[i] = rows
+            self.loaded += 1
+
+    def min_cache_rows(self) -> int:
+        """The smallest capacity that can run: the most distinct rows one trainer reads in one iteration."""
+        need = 0
+        for i in range(self.iterations):
+            keys = batch_keys(self.batches[i])
+            for t in range(self.n):
+                need = max(need, len(np.unique(keys[t * self.local_b:(t + 1) * self.local_b])))
+        return need
+
+    def _push(self, c: _TrainerCache, key: int) -> None:
+        heapq.heappush(c.heap, (self.priority(c, key), key))
+
+    def note_writebacks_applied(self, through_iteration: int) -> None:
+        """Write-backs after iterations <= ``through_iteration`` have landed (trainer acks)."""
+        if through_iteration > self.wb_applied_through:
+            self.wb_applied_through = through_iteration
+            stale = [k for k, v in self.last_wb.items() if v <= through_iteration]
+            for k in stale:
+                del self.last_wb[k]
+
+    # ------------------------------------------------------------ victims
+    def _find_victim(self, c: _TrainerCache, need_at: int, skipped: list) -> int | None:
+        """The resident row to evict for a row needed at ``need_at``, or None.
+
+        Eligible: not pinned, and not needed at or before ``need_at`` (a prefetch
+        never evicts a row an earlier or the current iteration still reads).
+        """
+        while c.heap:
+            prio, key = c.heap[0]
+            if key not in c.slot_of or key in c.pinned or prio != self.priority(c, key):
+                heapq.heappop(c.heap)  # stale entry
+                continue
+            if c.next_use(key) <= need_at:
+                if self.cfg.policy in ("bagpipe", "bagpipe-original"):
+                    return None  # furthest next use is too soon: nothing better exists
+                skipped.append(heapq.heappop(c.heap))
+                continue
+            heapq.heappop(c.heap)
+            return key
+        return None
+
+    # ------------------------------------------------------------- planning
+    def plans(self) -> Iterator[tuple[int, list[Plan]]]:
+        """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer."""
+        prev: list[Plan] | None = None
+        for k in range(self.iterations):
+            self._load(k + max(self.cfg.horizon, self.cfg.fetch_lead))
+            evictions, cancels = self._advance(k)
+            if prev is not None:
+                self._finish_evictions(prev, evictions, cancels, k - 1)
+                yield k - 1, prev
+            prev = self._plan_iteration(k)
+        if prev is not None:
+            self._flush_all(prev, self.iterations - 1)
+            yield self.iterations - 1, prev
+
+    def _advance(self, k: int) -> tuple[list[list[tuple[int, int]]], list[list[int]]]:
+        """Retire iteration k-1's uses and choose what each trainer evicts after it.
+
+        Returns per trainer: the (key, slot) evicted after k-1, and the fetch ids cancelled.
+        """
+        evictions: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
+        cancels: list[list[int]] = [[] for _ in range(self.n)]
+        if k > 0:
+            done = self.window.pop(k - 1)
+            for t, c in enumerate(self.caches):
+                for key in done.uniq[t].tolist():
+                    q = c.uses[key]
+                    q.popleft()
+                    c.last_use[key] = k - 1
+                    c.freq[key] = c.freq.get(key, 0) + 1
+                    if not q and key not in c.slot_of:
+                        del c.uses[key]
+                    else:
+                        self._push(c, key)
+                # Policies that evict right after use, whatever the capacity.
+                policy, used = self.cfg.policy, done.uniq[t].tolist()
+                if policy == "none":
+                    drop = used
+                elif policy == "static":
+                    drop = [x for x in used if x not in c.pinned]
+                elif policy == "bagpipe-original":
+                    # The original rule: keep a row while its reuse gap is under the lookahead.
+                    drop = [x for x in used if c.next_use(x) > k - 1 + self.cfg.horizon]
+                else:
+                    drop = []
+                evictions[t].extend((key, self._release(c, key)) for key in drop)
+        self._acquire(k, evictions, cancels)
+        return evictions, cancels
+
+    def _release(self, c: _TrainerCache, key: int) -> int:
+        """Give up a row's slot; returns the slot."""
+        slot = c.slot_of.pop(key)
+        c.free.append(slot)
+        c.freq.pop(key, None)
+        if not c.uses.get(key):
+            c.uses.pop(key, None)
+            c.last_use.pop(key, None)
+        return slot
+
+    def _drop_founder(self, t: int, key: int) -> None:
+        """A founder gives up a row before installing it: its fetch is cancelled."""
+        ep = self.episodes[key]
+        del ep.pending[t]
+        if not ep.present and not ep.pending:
+            del self.episodes[key]  # never used, never changed: nothing to write back
+
+    def _acquire(self, k: int, evictions: list[list[tuple[int, int]]], cancels: list[list[int]]) -> None:
+        """Choose the rows each trainer fetches at the start of k, and the victims they displace."""
+        self._new: list[list[tuple[int, int, int]]] = [[] for _ in range(self.n)]  # (key, slot, need)
+        lead = self.cfg.fetch_lead
+        for t, c in enumerate(self.caches):
+            skipped: list = []
+            deferred = False
+            for j in range(k, min(k + lead, self.iterations - 1) + 1):
+                if deferred:
+                    break
+                for key in self.window[j].uniq[t].tolist():
+                    if key in c.slot_of:
+                        continue
+                    slot = c.take_slot()
+                    if slot is None:
+                        victim = self._find_victim(c, j, skipped)
+                        if victim is None:
+                            if j == k:
+                                raise PlanError(f"trainer {t} found no room for iteration {k}'s rows (internal error)")
+                            self.stats[t].fetches_deferred += 1
+                            deferred = True  # fetch it (and everything later) at a later step
+                            break
+                        if victim in c.pending_fetch:
+                            cancels[t].append(c.pending_fetch.pop(victim))
+                            self._drop_founder(t, victim)
+                            self._release(c, victim)
+                        else:
+                            evictions[t].append((victim, self._release(c, victim)))
+                        slot = c.take_slot()
+                    c.slot_of[key] = slot
+                    self._push(c, key)
+                    self._new[t].append((key, slot, j))
+            for item in skipped:
+                heapq.heappush(c.heap, item)
+            resident = len(c.slot_of)
+            self.stats[t].peak_resident_rows = max(self.stats[t].peak_resident_rows, resident)
+
+    def _plan_iteration(self, k: int) -> list[Plan]:
+        """Build plan k: fetches and joins of the new rows, installs, reads and syncs."""
+        plans = [Plan.empty(k, t, self.local_b, 0) for t in range(self.n)]
+        fetches: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]  # (key, version)
+        joins: dict[int, list[tuple[int, int, int]]] = {}  # key -> [(trainer, slot, send)]
+        installs: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]  # (fetch id, slot)
+        first_ids = [c.next_fetch_id for c in self.caches]
+        # 1. Where each new row comes from: a live episode (join), or the store.
+        for t, c in enumerate(self.caches):
+            for key, slot, _need in self._new[t]:
+                ep = self.episodes.get(key)
+                if ep is not None and ep.live:
+                    if key not in joins:  # the sender holds the row since before this iteration
+                        sender = min(ep.present)
+                        joins[key] = [(sender, self.caches[sender].slot_of[key], 1)]
+                    joins[key].append((t, slot, 0))
+                    ep.present.add(t)
+                    self.stats[t].rows_joined += 1
+                    continue
+                if ep is None:
+                    ep = self.episodes[key] = _Episode()
+                fid = c.next_fetch_id
+                c.next_fetch_id += 1
+                c.pending_fetch[key] = fid
+                ep.pending[t] = fid
+                fetches[t].append((key, self.last_wb.get(key, -1)))
+                self.stats[t].rows_fetched += 1
+        # 2. Rows read at k: an episode not yet live goes live now, all founders install.
+        rows = self.window[k]
+        used_by: dict[int, list[int]] = {}
+        for t, c in enumerate(self.caches):
+            uniq = rows.uniq[t]
+            slots = np.empty(len(uniq), dtype=np.int32)
+            for idx, key in enumerate(uniq.tolist()):
+                slots[idx] = c.slot_of[key]
+                ep = self.episodes[key]
+                if not ep.live:
+                    for holder, fid in ep.pending.items():
+                        hc = self.caches[holder]
+                        installs[holder].append((fid, hc.slot_of[key]))
+                        del hc.pending_fetch[key]
+                        ep.present.add(holder)
+                    ep.pending.clear()
+                    ep.live = True
+                used_by.setdefault(key, []).append(t)
+            plans[t].read_slots = slots[rows.inverse[t]]
+        # 3. Syncs: rows used now and held by two or more trainers.
+        sync_keys = sorted(key for key in used_by if len(self.episodes[key].present) > 1)
+        sync: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
+        for pos, key in enumerate(sync_keys):
+            for t in sorted(self.episodes[key].present):
+                sync[t].append((pos, self.caches[t].slot_of[key]))
+                self.stats[t].rows_synced += 1
+        join_keys = sorted(joins)
+        join_rows: list[list[tuple[int, int, int]]] = [[] for _ in range(self.n)]
+        for pos, key in enumerate(join_keys):
+            for t, slot, send in joins[key]:
+                join_rows[t].append((pos, slot, send))
+        for t, p in enumerate(plans):
+            c = self.caches[t]
+            f = fetches[t]
+            p.fetch_keys = np.array([x[0] for x in f], dtype=np.int64)
+            p.fetch_versions = np.array([x[1] for x in f], dtype=np.int64)
+            p.first_fetch_id = first_ids[t]
+            p.install_ids = np.array([x[0] for x in installs[t]], dtype=np.int64)
+            p.install_slots = np.array([x[1] for x in installs[t]], dtype=np.int32)
+            p.sync_pos = np.array([x[0] for x in sync[t]], dtype=np.int32)
+            p.sync_slots = np.array([x[1] for x in sync[t]], dtype=np.int32)
+            p.n_sync = len(sync_keys)
+            p.join_pos = np.array([x[0] for x in join_rows[t]], dtype=np.int32)
+            p.join_slots = np.array([x[1] for x in join_rows[t]], dtype=np.int32)
+            p.join_send = np.array([x[2] for x in join_rows[t]], dtype=np.uint8)
+            p.n_join = len(join_keys)
+            p.slots_needed = c.next_slot
+        return plans
+
+    def _finish_evictions(self, plans: list[Plan], evictions: list[list[tuple[int, int]]],
+                          cancels: list[list[int]], after: int) -> None:
+        """Attach the evictions after iteration ``after`` to its plans; the last holder writes back."""
+        ended: dict[int, int] = {}  # key -> writer
+        for t in range(self.n):
+            for key, _slot in evictions[t]:
+                ep = self.episodes[key]
+                ep.present.discard(t)
+                if not ep.present and not ep.pending:
+                    ended[key] = min(ended.get(key, t), t)
+        for key in ended:
+            del self.episodes[key]
+            self.last_wb[key] = after
+        for t, p in enumerate(plans):
+            ev = evictions[t]
+            write = [int(ended.get(key) == t) for key, _ in ev]
+            self.stats[t].rows_written_back += sum(write)
+            p.evict_slots = np.array([slot for _, slot in ev], dtype=np.int32)
+            p.evict_keys = np.array([key for key, _ in ev], dtype=np.int64)
+            p.evict_write = np.array(write, dtype=np.uint8)
+            p.cancel_ids = np.array(cancels[t], dtype=np.int64)
+
+    def _flush_all(self, plans: list[Plan], after: int) -> None:
+        """After the last iteration every cached row is evicted, and written back once."""
+        evictions: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
+        cancels: list[list[int]] = [[] for _ in range(self.n)]
+        for t, c in enumerate(self.caches):
+            for key in list(c.slot_of):
+                if key in c.pending_fetch:
+                    cancels[t].append(c.pending_fetch.pop(key))
+                    self._drop_founder(t, key)
+                    self._release(c, key)
+                else:
+                    evictions[t].append((key, self._release(c, key)))
+        self._finish_evictions(plans, evictions, cancels, after)
+
+
+def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
+    """The ``static`` policy's pinned rows: each trainer's most frequent rows, counted in one pass.
+
+    The pinned set leaves room in the cache for one iteration's other rows
+    (a per-batch scratch area), so the capacity bound still holds.
+    """
+    local_b = cfg.batch_size // cfg.trainers
+    iterations = min(cfg.iterations, len(batches))
+    counts: list[dict[int, int]] = [dict() for _ in range(cfg.trainers)]
+    per_iter_max = [0] * cfg.trainers
+    for i in range(iterations):
+        keys = batch_keys(batches[i])
+        for t in range(cfg.trainers):
+            uniq = np.unique(keys[t * local_b:(t + 1) * local_b])
+            per_iter_max[t] = max(per_iter_max[t], len(uniq))
+            c = counts[t]
+            for key in uniq.tolist():
+                c[key] = c.get(key, 0) + 1
+    pinned = []
+    for t in range(cfg.trainers):
+        room = cfg.cache_rows - per_iter_max[t]
+        if room < 0:
+            raise PlanError(f"cache_rows={cfg.cache_rows} is too small: trainer {t} reads "
+                            f"{per_iter_max[t]} distinct rows in one iteration")
+        ranked = sorted(counts[t].items(), key=lambda kv: (-kv[1], kv[0]))
+        pinned.append({key for key, _ in ranked[:room]})
+    return pinned
