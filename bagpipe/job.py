@@ -28,6 +28,8 @@ from bagpipe.config import ConfigError, RunConfig
 from bagpipe.log import init_logger
 from bagpipe.procs import new_session_dying_with_parent
 from bagpipe.rendezvous import Rendezvous, RendezvousError
+from bagpipe.servers import ServersError
+from bagpipe.store import StoreError
 
 log = logging.getLogger("bagpipe")
 
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.replace(redis_cluster_url=args.redis_cluster)
         run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         metrics = run_job(cfg, run_dir, resume=args.resume, launch=launch)
-    except (ConfigError, JobError, CheckpointError, RendezvousError) as exc:
+    except (ConfigError, JobError, CheckpointError, RendezvousError, ServersError, StoreError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -141,7 +141,7 @@ class _RedisProcesses:
 
     def __init__(self, cfg: StoreConfig, workdir: Path) -> None:
         self.cfg = cfg
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # redis-server runs in its shard dir
         self.host = cfg.host
         self.ports: list[int] = []
         self.bus_ports: list[int] = []
