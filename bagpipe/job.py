@@ -394,11 +394,19 @@ def _merge_metrics(cfg: RunConfig, ranks: list[dict], run_dir: Path, wall_s: flo
     iterations = ranks[0]["iterations"]
     ran = iterations - ranks[0].get("start", 0)  # a resumed launch runs only the rest
     train_wall = max(r["wall_s"] for r in ranks)
+    # Steady state: the rate after the first iterations (start-up, first plans, first window
+    # of data), from the slowest rank's iteration end times.
+    ends = [max(r["ended_at"][j] for r in ranks) for j in range(len(ranks[0]["ended_at"]))]
+    warm = min(10, len(ends) // 5)
+    steady = ((len(ends) - warm) * cfg.batch_size / (ends[-1] - ends[warm - 1])
+              if warm >= 1 and ends[-1] > ends[warm - 1] else None)
     metrics = {
         "policy": cfg.policy,
         "iterations": iterations,
         "resumed_from": ranks[0].get("start", 0) - 1 if ranks[0].get("start", 0) else None,
         "samples_per_s": ran * cfg.batch_size / max(train_wall, 1e-9),
+        "samples_per_s_steady": steady,
+        "warmup_iterations": warm,
         "wall_s": wall_s,
         "train_wall_s": train_wall,
         "train_logloss": ranks[0]["train_logloss"],

@@ -151,6 +151,7 @@ class Meters:
     loss_sum: float = 0.0
     loss_n: int = 0
     stall_per_iteration: list = field(default_factory=list)
+    ended_at: list = field(default_factory=list)
 
 
 class Trainer:
@@ -230,11 +231,13 @@ class Trainer:
                 self.client.credit(i, self.io.written_through)
             if cfg.flushes_after(i, self.iterations):
                 self._segment_end(i)
+            # When each iteration ended, in training time (checkpoints and evaluations left out).
+            self.meters.ended_at.append(time.perf_counter() - started - self.meters.paused_s)
             if self.rank == 0 and (i + 1) % report_every == 0:
                 m = self.meters
                 el = time.perf_counter() - started - m.paused_s
                 # Hit rate: distinct rows read that needed no fetch of their own.
-                hits = 1.0 - m.rows_fetched / max(1, m.rows_read) if self.io is not None else 1.0
+                hits = max(0.0, 1.0 - m.rows_fetched / max(1, m.rows_read)) if self.io is not None else 1.0
                 log.info("iteration %d/%d  %.0f samples/s  loss %.4f  hit rate %.1f%%  stalled %.2fs", i + 1,
                          self.iterations, (i + 1 - self.start) * cfg.batch_size / el,
                          m.loss_sum / max(1, m.loss_n), 100 * hits, m.stall_s)
@@ -527,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                   "rows_written_back": trainer.meters.rows_written_back,
                   "train_logloss": trainer.meters.loss_sum / max(1, trainer.meters.loss_n),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "stall_per_iteration": trainer.meters.stall_per_iteration}
+                  "stall_per_iteration": trainer.meters.stall_per_iteration,
+                  "ended_at": trainer.meters.ended_at}
         if rank == 0:
             final = trainer.evaluate()
             result.update(final)
