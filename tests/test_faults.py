@@ -17,6 +17,7 @@ from bagpipe.checkpoint import CheckpointError, Checkpoints, load_manifest
 from bagpipe.config import RunConfig
 from bagpipe.export import load_model
 from bagpipe.job import run_job
+from procs import wait_gone
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -96,12 +97,8 @@ def test_kill_then_resume_reaches_the_same_model(small_criteo, tmp_path, referen
     if names:
         assert names in out, out[-3000:]
     # Nothing is left behind, even when the job process itself was killed.
-    deadline = time.monotonic() + 20
-    alive = list(pids.values())
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
-        time.sleep(0.2)
-    assert alive == [], f"processes left behind: {alive}"
+    left = wait_gone(list(pids.values()), 20.0)
+    assert left == [], f"processes left behind: {left}"
     resumed = _job(run_dir, small_criteo, {}, resume=True)
     rc, out = _finish(resumed)
     assert rc == 0, out[-3000:]
@@ -109,17 +106,6 @@ def test_kill_then_resume_reaches_the_same_model(small_criteo, tmp_path, referen
     got = load_model(run_dir)
     cmp = compare_models(reference[trainers], got)
     assert verdict(cmp, exact=trainers == 1), (cmp.max_abs, cmp.problems)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_checkpoint_from_another_job_is_refused(small_criteo, tmp_path):

@@ -15,31 +15,10 @@ import pytest
 from bagpipe.config import RunConfig
 from bagpipe.export import load_model
 from bagpipe.job import run_job
+from procs import wait_gone
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose; /proc tells them apart.
-    try:
-        return "(Z)" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:4]
-    except FileNotFoundError:
-        return False
-
-
-def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        left = [p for p in pids if _alive(p)]
-        if not left:
-            return []
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
 
 
 def test_bagpipe_job_trains_learns_and_cleans_up(small_criteo, tmp_path):
@@ -59,7 +38,7 @@ def test_bagpipe_job_trains_learns_and_cleans_up(small_criteo, tmp_path):
     assert len(model["tables"]) == 26 and sum(len(t["ids"]) for t in model["tables"].values()) > 0
     pids = json.loads((tmp_path / "run" / "pids.json").read_text())
     assert {"oracle", "trainers", "redis0", "redis1"} <= set(pids)
-    assert _wait_gone(list(pids.values()), 2.0) == []
+    assert wait_gone(list(pids.values()), 2.0) == []
 
 
 def test_every_policy_trains_the_local_model(small_criteo, tmp_path):
@@ -108,4 +87,4 @@ def test_killed_trainer_ends_the_job_with_a_clear_error(small_criteo, tmp_path):
     assert job.returncode != 0
     assert "trainers" in out and "exited with code" in out, out[-2000:]
     others = [int((run_dir / "rank0.pid").read_text())] + list(pids.values())
-    assert _wait_gone(others, 10.0) == []
+    assert wait_gone(others, 10.0) == []
