@@ -126,6 +126,7 @@ class RunConfig:
     eval_batches: int = 8
     checkpoint_every: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    trainer_threads: int = 0  # torch threads per trainer; 0: the cores divided among the trainers
     redis_host: str = "127.0.0.1"
     redis_base_port: int = 0
     redis_urls: tuple[str, ...] = ()
@@ -152,6 +153,7 @@ class RunConfig:
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
         _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        _require(self.trainer_threads >= 0, "trainer_threads", "must be >= 0 (0: automatic)")
         _require(not self.redis_cluster or self.shards >= 3, "shards",
                  f"a Redis Cluster (redis_cluster = true) needs at least 3 masters, got {self.shards}")
         # Component configs validate their own keys.

@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.run_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
     cfg = RunConfig.from_dict(json.loads((args.run_dir / "config.json").read_text()))
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world)))
+    torch.set_num_threads(cfg.trainer_threads or max(1, (os.cpu_count() or 2) // max(1, world)))
     backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
     if world > 1:
         dist.init_process_group(backend=backend)
