@@ -46,39 +46,33 @@ def belady_fetches(batches: BatchSource, batch_size: int, trainers: int, capacit
             for k in keys:
                 seen[k] = i
         resident: dict[int, int] = {}  # key -> next use
-        heap: list[tuple[int, int]] = []  # (-next use, key), lazy
+        heap: list[tuple[int, int]] = []  # (-next use, key), lazy: stale entries are skipped
         fetched = 0
         for i, keys in enumerate(seq):
-            now = set(keys.tolist())
-            for k, nu in zip(keys.tolist(), nxt[i]):
+            klist = keys.tolist()
+            # A row read at i carries next use i until this iteration is done, so it is the last
+            # choice of victim: no scan past the rows in use (which made this quadratic).
+            for k, nu in zip(klist, nxt[i]):
                 if k in resident:
-                    resident[k] = nu
-                    heapq.heappush(heap, (-nu, k))
                     continue
                 fetched += 1
                 if len(resident) >= capacity:
-                    # furthest-next-use victim not read in this iteration
-                    skipped = []
-                    victim = None
-                    while heap:
+                    while True:
                         neg, v = heapq.heappop(heap)
-                        if resident.get(v) != -neg:
-                            continue
-                        if v in now:
-                            skipped.append((neg, v))
-                            continue
-                        victim = (neg, v)
-                        break
-                    for item in skipped:
-                        heapq.heappush(heap, item)
-                    if victim is None:
+                        if resident.get(v) == -neg:
+                            break
+                    if -neg <= i:
                         raise PlanError(f"capacity {capacity} cannot hold iteration {i}'s rows")
-                    if bypass and -victim[0] < nu:
-                        heapq.heappush(heap, victim)
+                    if bypass and -neg < nu:
+                        heapq.heappush(heap, (neg, v))
                         continue  # read through the scratch buffer; keep the cache as it is
-                    del resident[victim[1]]
-                resident[k] = nu
-                heapq.heappush(heap, (-nu, k))
+                    del resident[v]
+                resident[k] = i
+                heapq.heappush(heap, (-i, k))
+            for k, nu in zip(klist, nxt[i]):
+                if k in resident:
+                    resident[k] = nu
+                    heapq.heappush(heap, (-nu, k))
         out.append(fetched)
     return out
 
