@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -220,9 +220,10 @@ class RunConfig:
         return cls(**kwargs)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None, overrides: list[str] = ()) -> "RunConfig":
-        """Read a TOML file (or defaults when None) and apply ``KEY=VALUE`` overrides."""
-        values: dict[str, Any] = {}
+    def load(cls, path: str | os.PathLike | None, overrides: list[str] = (),
+             base: dict[str, Any] | None = None) -> "RunConfig":
+        """Read a TOML file (or ``base``, or defaults) and apply ``KEY=VALUE`` overrides."""
+        values: dict[str, Any] = dict(base or {})
         if path is not None:
             p = Path(path)
             try:

@@ -472,9 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.run_dir is None or not (args.run_dir / "config.json").exists():
                 raise JobError("--resume needs the --run-dir of an earlier run (with its config.json)")
             saved = json.loads((args.run_dir / "config.json").read_text())
-            cfg = RunConfig.load(args.config, args.set) if args.config else RunConfig.from_dict(saved)
-            if args.set and not args.config:
-                cfg = RunConfig.load(None, [f"{k}={json.dumps(v)}" for k, v in saved.items()] + args.set)
+            cfg = RunConfig.load(args.config, args.set, base=None if args.config else saved)
         else:
             cfg = RunConfig.load(args.config, args.set)
         if args.redis:

@@ -23,7 +23,7 @@ sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 import numpy as np
 
 from data.reader import Dataset
-from oracle.planner import PlanError, batch_keys
+from oracle.planner import batch_keys
 from oracle.simulate import simulate
 
 

@@ -376,7 +376,7 @@ class Trainer:
         """All-reduce dense gradients, shared rows' gradients and joined rows; return the rows to update."""
         if self.world == 1:
             return uniq, local_grads
-        dev, dim, width = self.device, self.cfg.embedding_dim, self.cache.width
+        dev, dim = self.device, self.cfg.embedding_dim
         t0 = time.perf_counter()
         dense_grads = [p.grad.reshape(-1) for p in self.dense_params]
         n_dense = sum(g.numel() for g in dense_grads)
