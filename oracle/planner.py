@@ -28,14 +28,15 @@ import numpy as np
 
 from bagpipe.wire import Plan
 from oracle import fastplan as fp
+from oracle.staging import stage_fetches
 from oracle.reference import (INF, PLANNED_POLICIES, BatchSource, PlanError, PlannerConfig, PlanStats,
                               batch_keys)
 
 __all__ = ["INF", "PLANNED_POLICIES", "BatchSource", "PlanError", "Planner", "PlannerConfig", "PlanStats",
            "batch_keys", "pinned_rows"]
 
-_STAT_FIELDS = ("rows_fetched", "rows_joined", "rows_written_back", "rows_synced", "fetches_deferred",
-                "peak_resident_rows")
+# The kernels' counters (their fetches_deferred column stays 0 on demand: oracle.staging counts those).
+_STAT_FIELDS = ("rows_fetched", "rows_joined", "rows_written_back", "rows_synced", None, "peak_resident_rows")
 
 
 def _pow2(n: int) -> int:
@@ -90,7 +91,8 @@ class _State:
         n = cfg.trainers
         lb = cfg.batch_size // n
         u = lb * tables
-        maxhl = max(cfg.horizon, cfg.fetch_lead)
+        # Residency is planned on demand (lead 0 in the kernels); oracle.staging moves the fetches ahead.
+        maxhl = cfg.horizon
         r = maxhl + 2
         if r * max(u, 1) >= fp.INF32 or iterations + cfg.horizon >= fp.INF32:
             raise PlanError(f"a window of {r} iterations of {u} rows, or {iterations} iterations, is too large")
@@ -98,7 +100,7 @@ class _State:
         gw = fp.G_MASKS + 2 * nw + n
         policy = fp.POLICY_CODES[cfg.policy]
         bounded = cfg.policy not in ("bagpipe-original", "none")
-        self.C = np.array([policy, cfg.cache_rows, cfg.fetch_lead, cfg.horizon, n, u, r, iterations,
+        self.C = np.array([policy, cfg.cache_rows, 0, cfg.horizon, n, u, r, iterations,
                            int(bounded), tables, lb, maxhl, nw, gw], np.int64)
         assert len(self.C) == fp.C_LEN
         self.n, self.u, self.r = n, u, r
@@ -371,7 +373,7 @@ class Planner:
         cores = os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(min(self.n, cores), thread_name_prefix="planner") if cores > 1 else None
         try:
-            yield from self._plans()
+            yield from stage_fetches(self._on_demand_plans(), self.cfg.fetch_lead, self.stats)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -390,8 +392,9 @@ class Planner:
                 job.result()
         return jobs
 
-    def _plans(self) -> Iterator[tuple[int, list[Plan]]]:
-        ahead = max(self.cfg.horizon, self.cfg.fetch_lead)
+    def _on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
+        """The plans with every fetch issued in the iteration that first reads the row."""
+        ahead = self.cfg.horizon
         prev: list[Plan] | None = None
         failed: PlanError | None = None  # loading the next batch failed: raised where the reference raises it
         for k in range(self.iterations):
@@ -450,7 +453,8 @@ class Planner:
         st = self._state.ST
         for t, s in enumerate(self.stats):
             for c, name in enumerate(_STAT_FIELDS):
-                setattr(s, name, int(st[t, c]))
+                if name is not None:
+                    setattr(s, name, int(st[t, c]))
 
     def _assemble(self, k: int, out: tuple) -> list[Plan]:
         (read, f_key, f_ver, f_off, first_fid, in_id, in_slot, in_off,

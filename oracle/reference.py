@@ -32,10 +32,14 @@ hold it, from the first fetch until the last of them evicts it, is an
   after which it was evicted. A later episode's fetch names that version;
   the trainer re-reads until the store has it (no stale read).
 
-Capacity: each trainer holds at most ``cache_rows`` rows (installed or
-fetched ahead). Rows that cannot be placed ahead of time are fetched later,
-at the latest in the iteration that reads them; only a batch whose own rows
-exceed the capacity is refused, up front, with the smallest workable size.
+Capacity and prefetching: each trainer holds at most ``cache_rows`` rows.
+Residency is decided on demand: a row takes a slot in the iteration that
+first reads it, and the row displaced is the one used furthest in the future
+(Belady's rule within the horizon). Only a batch whose own rows exceed the
+capacity is refused, up front, with the smallest workable size. The store
+fetches are then issued up to ``lead`` iterations earlier into the trainer's
+staging area, off the cache (``oracle.staging``): prefetching moves traffic
+off the critical path without taking slots early.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import numpy as np
 
 from bagpipe.keys import make_keys
 from bagpipe.wire import Plan
+from oracle.staging import stage_fetches
 
 log = logging.getLogger("bagpipe")
 
@@ -86,7 +91,7 @@ class PlannerConfig:
 
     @property
     def fetch_lead(self) -> int:
-        """How many iterations ahead of use the policy fetches."""
+        """How many iterations before its install the policy issues a row's store fetch."""
         if self.policy in ("bagpipe", "bagpipe-original"):
             return self.lead
         if self.policy == "lru-prefetch":
@@ -100,8 +105,9 @@ class PlanStats:
     rows_joined: int = 0
     rows_written_back: int = 0
     rows_synced: int = 0
-    fetches_deferred: int = 0
+    fetches_deferred: int = 0  # fetches issued with less than the lead: they wait for a write-back
     peak_resident_rows: int = 0
+    peak_staged_rows: int = 0  # fetched ahead, waiting in the trainer's staging area
 
 
 @dataclass
@@ -270,8 +276,7 @@ class Planner:
     def _find_victim(self, c: _TrainerCache, need_at: int, skipped: list) -> int | None:
         """The resident row to evict for a row needed at ``need_at``, or None.
 
-        Eligible: not pinned, and not needed at or before ``need_at`` (a prefetch
-        never evicts a row an earlier or the current iteration still reads).
+        Eligible: not pinned, and not read at ``need_at`` (the iteration being given its rows).
         """
         while c.heap:
             prio, key = c.heap[0]
@@ -290,25 +295,25 @@ class Planner:
     # ------------------------------------------------------------- planning
     def plans(self) -> Iterator[tuple[int, list[Plan]]]:
         """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer."""
+        return stage_fetches(self._on_demand_plans(), self.cfg.fetch_lead, self.stats)
+
+    def _on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
+        """The plans with every fetch issued in the iteration that first reads the row."""
         prev: list[Plan] | None = None
         for k in range(self.iterations):
-            self._load(k + max(self.cfg.horizon, self.cfg.fetch_lead))
-            evictions, cancels = self._advance(k)
+            self._load(k + self.cfg.horizon)
+            evictions = self._advance(k)
             if prev is not None:
-                self._finish_evictions(prev, evictions, cancels, k - 1)
+                self._finish_evictions(prev, evictions, k - 1)
                 yield k - 1, prev
             prev = self._plan_iteration(k)
         if prev is not None:
             self._flush_all(prev, self.iterations - 1)
             yield self.iterations - 1, prev
 
-    def _advance(self, k: int) -> tuple[list[list[tuple[int, int]]], list[list[int]]]:
-        """Retire iteration k-1's uses and choose what each trainer evicts after it.
-
-        Returns per trainer: the (key, slot) evicted after k-1, and the fetch ids cancelled.
-        """
+    def _advance(self, k: int) -> list[list[tuple[int, int]]]:
+        """Retire iteration k-1's uses and choose what each trainer evicts after it: (key, slot) each."""
         evictions: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
-        cancels: list[list[int]] = [[] for _ in range(self.n)]
         if k > 0:
             done = self.window.pop(k - 1)
             for t, c in enumerate(self.caches):
@@ -333,8 +338,8 @@ class Planner:
                 else:
                     drop = []
                 evictions[t].extend((key, self._release(c, key)) for key in drop)
-        self._acquire(k, evictions, cancels)
-        return evictions, cancels
+        self._acquire(k, evictions)
+        return evictions
 
     def _release(self, c: _TrainerCache, key: int) -> int:
         """Give up a row's slot; returns the slot."""
@@ -346,45 +351,24 @@ class Planner:
             c.last_use.pop(key, None)
         return slot
 
-    def _drop_founder(self, t: int, key: int) -> None:
-        """A founder gives up a row before installing it: its fetch is cancelled."""
-        ep = self.episodes[key]
-        del ep.pending[t]
-        if not ep.present and not ep.pending:
-            del self.episodes[key]  # never used, never changed: nothing to write back
-
-    def _acquire(self, k: int, evictions: list[list[tuple[int, int]]], cancels: list[list[int]]) -> None:
-        """Choose the rows each trainer fetches at the start of k, and the victims they displace."""
-        self._new: list[list[tuple[int, int, int]]] = [[] for _ in range(self.n)]  # (key, slot, need)
-        lead = self.cfg.fetch_lead
+    def _acquire(self, k: int, evictions: list[list[tuple[int, int]]]) -> None:
+        """Give each trainer's rows read at k and not resident a slot, and choose the victims they displace."""
+        self._new: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]  # (key, slot)
         for t, c in enumerate(self.caches):
             skipped: list = []
-            deferred = False
-            for j in range(k, min(k + lead, self.iterations - 1) + 1):
-                if deferred:
-                    break
-                for key in self.window[j].uniq[t].tolist():
-                    if key in c.slot_of:
-                        continue
+            for key in self.window[k].uniq[t].tolist():
+                if key in c.slot_of:
+                    continue
+                slot = c.take_slot()
+                if slot is None:
+                    victim = self._find_victim(c, k, skipped)
+                    if victim is None:
+                        raise PlanError(f"trainer {t} found no room for iteration {k}'s rows (internal error)")
+                    evictions[t].append((victim, self._release(c, victim)))
                     slot = c.take_slot()
-                    if slot is None:
-                        victim = self._find_victim(c, j, skipped)
-                        if victim is None:
-                            if j == k:
-                                raise PlanError(f"trainer {t} found no room for iteration {k}'s rows (internal error)")
-                            self.stats[t].fetches_deferred += 1
-                            deferred = True  # fetch it (and everything later) at a later step
-                            break
-                        if victim in c.pending_fetch:
-                            cancels[t].append(c.pending_fetch.pop(victim))
-                            self._drop_founder(t, victim)
-                            self._release(c, victim)
-                        else:
-                            evictions[t].append((victim, self._release(c, victim)))
-                        slot = c.take_slot()
-                    c.slot_of[key] = slot
-                    self._push(c, key)
-                    self._new[t].append((key, slot, j))
+                c.slot_of[key] = slot
+                self._push(c, key)
+                self._new[t].append((key, slot))
             for item in skipped:
                 heapq.heappush(c.heap, item)
             resident = len(c.slot_of)
@@ -399,7 +383,7 @@ class Planner:
         first_ids = [c.next_fetch_id for c in self.caches]
         # 1. Where each new row comes from: a live episode (join), or the store.
         for t, c in enumerate(self.caches):
-            for key, slot, _need in self._new[t]:
+            for key, slot in self._new[t]:
                 ep = self.episodes.get(key)
                 if ep is not None and ep.live:
                     if key not in joins:  # the sender holds the row since before this iteration
@@ -466,8 +450,7 @@ class Planner:
             p.slots_needed = c.next_slot
         return plans
 
-    def _finish_evictions(self, plans: list[Plan], evictions: list[list[tuple[int, int]]],
-                          cancels: list[list[int]], after: int) -> None:
+    def _finish_evictions(self, plans: list[Plan], evictions: list[list[tuple[int, int]]], after: int) -> None:
         """Attach the evictions after iteration ``after`` to its plans; the last holder writes back."""
         ended: dict[int, int] = {}  # key -> writer
         for t in range(self.n):
@@ -486,21 +469,14 @@ class Planner:
             p.evict_slots = np.array([slot for _, slot in ev], dtype=np.int32)
             p.evict_keys = np.array([key for key, _ in ev], dtype=np.int64)
             p.evict_write = np.array(write, dtype=np.uint8)
-            p.cancel_ids = np.array(cancels[t], dtype=np.int64)
 
     def _flush_all(self, plans: list[Plan], after: int) -> None:
         """After the last iteration every cached row is evicted, and written back once."""
         evictions: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
-        cancels: list[list[int]] = [[] for _ in range(self.n)]
         for t, c in enumerate(self.caches):
             for key in list(c.slot_of):
-                if key in c.pending_fetch:
-                    cancels[t].append(c.pending_fetch.pop(key))
-                    self._drop_founder(t, key)
-                    self._release(c, key)
-                else:
-                    evictions[t].append((key, self._release(c, key)))
-        self._finish_evictions(plans, evictions, cancels, after)
+                evictions[t].append((key, self._release(c, key)))
+        self._finish_evictions(plans, evictions, after)
 
 
 def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:

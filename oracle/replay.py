@@ -96,7 +96,8 @@ def replay(plans_by_iter, batches, trainers: int, batch_size: int, capacity: int
                     tr.slot_key[slot], tr.value[slot] = join_buf[pos]
         if capacity is not None:
             for t, tr in enumerate(ts):
-                held = len(tr.slot_key) + len(tr.staged)
+                # Rows fetched ahead wait in staging, off the cache: only installed rows count.
+                held = len(tr.slot_key)
                 if held > capacity or any(s >= capacity for s in tr.slot_key):
                     raise ReplayError(f"iteration {i} trainer {t}: holds {held} rows, capacity {capacity}")
         # 4. reads and local gradients.

@@ -98,6 +98,7 @@ def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: i
             "rows_written_back": sum(s.rows_written_back for s in st),
             "peak_resident_rows": max(s.peak_resident_rows for s in st),
             "fetches_deferred": sum(s.fetches_deferred for s in st),
+            "peak_staged_rows": max(s.peak_staged_rows for s in st),
             "seconds": time.perf_counter() - t0,
         }
     return report

@@ -28,7 +28,8 @@ def test_live_job_fetches_what_simulate_predicts(small_criteo, tmp_path, policy,
     report = json.loads(out)
     assert report[policy]["rows_fetched"] == metrics["rows_fetched"]
     assert report[policy]["rows_written_back"] == metrics["rows_written_back"]
-    assert report["belady"]["rows_fetched"] <= report[policy]["rows_fetched"]
+    # MIN bounds each trainer's cache insertions: from the store, or joined from another trainer's cache.
+    assert report["belady"]["rows_fetched"] <= report[policy]["rows_fetched"] + report[policy]["rows_joined"]
 
 
 def test_too_small_a_cache_is_refused_before_anything_starts(small_criteo, tmp_path):

@@ -1,0 +1,111 @@
+"""Store fetches issued ahead of the iteration that installs them.
+
+The planners decide residency on demand: a row takes a cache slot in the
+iteration that first reads it, displacing the resident row used furthest in
+the future, exactly as Belady's MIN would within the horizon. Prefetching
+does not change those decisions; it only moves each store fetch earlier.
+This stage takes the planner's on-demand plans and issues every fetch up to
+``lead`` iterations before its install. Until then the fetched row waits in
+the trainer's staging area (``trainers.storeio.StoreIO`` keeps rows by fetch
+id, off the device), so a prefetch never takes a cache slot early and never
+evicts anything.
+
+Why not give the row its slot when the fetch is issued: with a cache smaller
+than a few batches, the slots for rows ``lead`` iterations ahead can only be
+found by evicting rows that are still valuable (the rows the current
+iteration reads are not evictable yet), which cost 1.30x MIN's fetches at
+5% of the distinct rows on synthetic Criteo (``bench/fetches.py``). Here the
+fetch count is that of the on-demand plan, whatever the lead.
+
+One rule keeps the reads fresh: a fetch is never issued before the last
+write-back of its row, so a row written back after iteration e is fetched in
+plan e + 1 at the earliest (a shorter lead, counted in ``fetches_deferred``)
+and names that version as before. Fetch ids are renumbered in issue order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from bagpipe.wire import Plan
+
+
+class _Received:
+    """One on-demand plan set while its fetches wait to be issued, per trainer."""
+
+    __slots__ = ("iteration", "plans", "first_inner", "issue_at", "issued_id")
+
+    def __init__(self, iteration: int, plans: list[Plan]) -> None:
+        self.iteration = iteration
+        self.plans = plans
+        self.first_inner = [p.first_fetch_id for p in plans]  # the on-demand plan's fetch ids start here
+        self.issue_at: list[np.ndarray] = []  # per fetch: the iteration whose plan issues it
+        self.issued_id: list[np.ndarray] = []  # per fetch: its id in issue order (-1 until issued)
+
+
+def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: list) -> Iterator[tuple[int, list[Plan]]]:
+    """Re-emit on-demand ``plans`` with each fetch issued up to ``lead`` iterations before its install.
+
+    ``plans`` must install in each iteration exactly the fetches it issues (the
+    planners' on-demand plans do). ``stats`` (one ``PlanStats`` per trainer)
+    receive ``fetches_deferred`` and ``peak_staged_rows``.
+    """
+    trainers = len(stats)
+    waiting: deque[_Received] = deque()  # received, not yet emitted, oldest first
+    written: deque[tuple[int, np.ndarray]] = deque()  # (iteration, sorted keys written back after it), recent
+    next_id = [0] * trainers
+    staged = [0] * trainers
+
+    def receive(j: int, plans_j: list[Plan]) -> None:
+        rec = _Received(j, plans_j)
+        emitted_through = waiting[0].iteration - 1 if waiting else j - 1
+        floor = max(j - lead, emitted_through + 1, 0)
+        for t, p in enumerate(plans_j):
+            at = np.full(len(p.fetch_keys), floor, np.int64)
+            for e, keys in written:  # oldest first: a later write-back overrides
+                if e + 1 > floor and len(keys):
+                    at[np.isin(p.fetch_keys, keys, assume_unique=True)] = e + 1
+            stats[t].fetches_deferred += int(np.count_nonzero(at > max(j - lead, 0)))
+            rec.issue_at.append(at)
+            rec.issued_id.append(np.full(len(at), -1, np.int64))
+            if len(p.install_ids) != len(at):
+                raise AssertionError(f"plan {j} trainer {t} installs other rows than it fetches (internal error)")
+        written.append((j, np.unique(np.concatenate([p.evict_keys[p.evict_write.astype(bool)] for p in plans_j]))))
+        while written and written[0][0] < j + 1 - lead:  # cannot hold back any fetch still to come
+            written.popleft()
+        waiting.append(rec)
+
+    def emit() -> tuple[int, list[Plan]]:
+        now = waiting.popleft()
+        m = now.iteration
+        for t, p in enumerate(now.plans):
+            keys, versions = [], []
+            for rec in (now, *waiting):  # nearest need first
+                here = np.flatnonzero(rec.issue_at[t] == m)
+                rec.issued_id[t][here] = next_id[t] + sum(len(k) for k in keys) + np.arange(len(here))
+                keys.append(rec.plans[t].fetch_keys[here])
+                versions.append(rec.plans[t].fetch_versions[here])
+            issued = sum(len(k) for k in keys)
+            p.first_fetch_id = next_id[t]
+            p.fetch_keys = np.concatenate(keys) if keys else p.fetch_keys[:0]
+            p.fetch_versions = np.concatenate(versions) if versions else p.fetch_versions[:0]
+            next_id[t] += issued
+            staged[t] += issued
+            stats[t].peak_staged_rows = max(stats[t].peak_staged_rows, staged[t])
+            # The on-demand plan installs its own fetches, numbered from its first fetch id.
+            ids = now.issued_id[t][p.install_ids - now.first_inner[t]]
+            if len(ids) and ids.min() < 0:
+                raise AssertionError(f"plan {m} trainer {t} installs a row not fetched yet (internal error)")
+            p.install_ids = ids
+            staged[t] -= len(p.install_ids)
+        return m, now.plans
+
+    for j, plans_j in plans:
+        receive(j, plans_j)
+        while waiting and waiting[0].iteration + lead <= j:
+            yield emit()
+    while waiting:
+        yield emit()
