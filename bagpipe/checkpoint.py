@@ -59,11 +59,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def checkpoint_due(iteration: int, every: int, last: int) -> bool:
-    """Whether a checkpoint is taken after ``iteration`` (every N iterations and after the last)."""
-    return every > 0 and ((iteration + 1) % every == 0 or iteration == last)
-
-
 class Checkpoints:
     """The checkpoints of one run directory."""
 

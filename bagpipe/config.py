@@ -183,6 +183,16 @@ class RunConfig:
         """Whether a segment ends after ``iteration``."""
         return self.segment_end(iteration, iterations) == iteration + 1
 
+    def checkpoints_after(self, iteration: int, iterations: int) -> bool:
+        """Whether a checkpoint is taken after ``iteration``: every ``checkpoint_every`` and after the last."""
+        every = self.checkpoint_every
+        return every > 0 and ((iteration + 1) % every == 0 or iteration == iterations - 1)
+
+    def evaluates_after(self, iteration: int, iterations: int) -> bool:
+        """Whether the periodic evaluation runs after ``iteration`` (the final one runs after training)."""
+        every = self.eval_every
+        return every > 0 and (iteration + 1) % every == 0 and iteration != iterations - 1
+
     def store_config(self, cluster_url: str | None = None) -> StoreConfig:
         """The store's config; ``cluster_url`` names a cluster this job started (see bagpipe.job)."""
         return StoreConfig(

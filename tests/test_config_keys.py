@@ -63,3 +63,20 @@ def test_initial_rows_are_deterministic_bounded_and_distinct():
             "sys.stdout.buffer.write(initial_rows(k, 16, 1, 7, np.array([100, 10000])).tobytes())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
     assert out == a.tobytes()
+
+
+@pytest.mark.parametrize("checkpoint_every,eval_every", [(0, 0), (4, 0), (0, 3), (4, 6), (5, 5)])
+def test_checkpoints_and_evaluations_fall_on_segment_ends(checkpoint_every, eval_every):
+    """Caches are flushed only at segment ends, so every checkpoint and evaluation must be one."""
+    cfg = RunConfig(checkpoint_every=checkpoint_every, eval_every=eval_every)
+    iterations = 23
+    flushes = [i for i in range(iterations) if cfg.flushes_after(i, iterations)]
+    due = [i for i in range(iterations)
+           if cfg.checkpoints_after(i, iterations) or cfg.evaluates_after(i, iterations)]
+    assert set(due) <= set(flushes)
+    assert flushes[-1] == iterations - 1
+    if checkpoint_every:
+        assert [i for i in range(iterations) if cfg.checkpoints_after(i, iterations)] == \
+            [i for i in range(iterations) if (i + 1) % checkpoint_every == 0] + [iterations - 1]
+    # Segments end nowhere else: each flush is a checkpoint, an evaluation, or the last iteration.
+    assert set(flushes) <= set(due) | {iterations - 1}

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from bagpipe.checkpoint import Checkpoints, checkpoint_due, fingerprint, load_manifest, read_rows
+from bagpipe.checkpoint import Checkpoints, fingerprint, load_manifest, read_rows
 from bagpipe.config import RunConfig
 from bagpipe.curve import secure_client
 from bagpipe.keys import initial_rows, key_row, key_table
@@ -259,9 +259,9 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         t0 = time.perf_counter()  # checkpoints and evaluations are not training time
-        if checkpoint_due(i, cfg.checkpoint_every, self.iterations - 1):
+        if cfg.checkpoints_after(i, self.iterations):
             self.checkpoint(i)
-        if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i != self.iterations - 1 and self.rank == 0:
+        if cfg.evaluates_after(i, self.iterations) and self.rank == 0:
             result = self.evaluate()
             if result:
                 self.eval_history.append(dict(result, iteration=i))
