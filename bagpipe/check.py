@@ -160,7 +160,7 @@ def _sizes(cfg: RunConfig) -> tuple[int, int]:
     from data.reader import Dataset
     from oracle.planner import batch_keys
 
-    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle)
+    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
     iterations = cfg.iterations or len(sparse)
     most, seen = 0, set()
     for i in range(iterations):

@@ -108,7 +108,8 @@ class RunConfig:
     trainers: int = 2
     shards: int = 2
     batch_size: int = 1024  # global
-    iterations: int = 100  # 0: one epoch
+    iterations: int = 100  # 0: every batch of every epoch
+    epochs: int = 1  # epochs read one after another, each in its own shuffled order
     embedding_dim: int = 16
     bottom_mlp: tuple[int, ...] = (64, 16)
     top_mlp: tuple[int, ...] = (64, 32, 1)
@@ -147,6 +148,7 @@ class RunConfig:
         _require(self.batch_size % self.trainers == 0, "batch_size",
                  f"{self.batch_size} is not divisible by trainers={self.trainers}")
         _require(self.iterations >= 0, "iterations", "must be >= 0")
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.optimizer in OPTIMIZERS, "optimizer", f"'{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
         _require(self.lr > 0, "lr", "must be > 0")
         _require(self.dense_lr > 0, "dense_lr", "must be > 0")

@@ -117,11 +117,11 @@ def _preflight(cfg: RunConfig) -> None:
     from data.reader import Dataset
     from oracle.planner import batch_keys
 
-    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle)
+    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
     iterations = min(cfg.iterations or len(sparse), len(sparse))
     if cfg.iterations > len(sparse):
         raise ConfigError(f"config key 'iterations': {cfg.iterations} > {len(sparse)} full batches of "
-                          f"{cfg.batch_size} in {cfg.data}")
+                          f"{cfg.batch_size} in {cfg.epochs} epoch(s) of {cfg.data} (raise 'epochs')")
     local_b = cfg.batch_size // cfg.trainers
     if cfg.cache_rows >= local_b * len(Dataset(cfg.data).tables):
         return  # a trainer's whole batch fits, whatever the data

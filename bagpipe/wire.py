@@ -144,13 +144,15 @@ def encode_plan(plan: Plan, job: str, epoch: int = 0) -> list:
     return _pack(KIND_PLAN, header, [(name, getattr(plan, name)) for name, _ in Plan.ARRAYS])
 
 
-def decode_plan(frames: list, job: str, rank: int, iteration: int) -> Plan:
-    """Decode a plan and check that it is the one this trainer expects next."""
+def decode_plan(frames: list, job: str, rank: int, iteration: int, epoch: int = 0) -> Plan:
+    """Decode a plan and check that it is the one this trainer expects next (rank, epoch, iteration)."""
     kind, header, arrays = _unpack(frames, job)
     if kind != KIND_PLAN:
         raise WireError(f"expected a plan, got message kind {kind!r}")
     if header.get("rank") != rank:
         raise WireError(f"plan for rank {header.get('rank')} delivered to rank {rank}")
+    if header.get("epoch") != epoch:
+        raise WireError(f"plan for epoch {header.get('epoch')} arrived when epoch {epoch} was expected")
     if header.get("iteration") != iteration:
         raise WireError(f"plan for iteration {header.get('iteration')} arrived when iteration {iteration} was expected")
     names = [n for n, _ in Plan.ARRAYS]

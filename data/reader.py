@@ -12,6 +12,11 @@ never permuted):
 4. global batch i is rows [i*B, (i+1)*B) of that stream (a batch may straddle
    two windows); rank r of W gets the contiguous part [r*B/W, (r+1)*B/W).
 
+A run of several epochs reads them one after another (``epochs=E``): batch i
+of the run is batch i mod n of epoch i // n, n full batches an epoch, each
+epoch in its own order. The oracle plans across the boundary like anywhere
+else: the next epoch's order is as known as this one's.
+
 With ``shuffle=False`` the stream is the rows in file order. A dataset no
 larger than one window gets a full permutation. Readers keep the last few
 windows they loaded (an LRU), so sequential reads and short look-aheads load
@@ -176,16 +181,64 @@ class Dataset:
 
     def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                 world_size: int = 1, rank: int = 0, split: str = "train", *,
-                shuffle_window_rows: int = DEFAULT_WINDOW_ROWS) -> "BatchReader":
-        """This rank's part of every full global batch of ``batch_size`` rows (see the module doc)."""
-        cfg = ReadConfig(batch_size, seed, epoch, shuffle, world_size, rank, split, shuffle_window_rows)
-        return BatchReader(self, cfg)
+                shuffle_window_rows: int = DEFAULT_WINDOW_ROWS, epochs: int = 1) -> "BatchReader | Epochs":
+        """This rank's part of every full global batch of ``batch_size`` rows (see the module doc),
+        for ``epochs`` epochs from ``epoch`` on."""
+        def open_epoch(e: int) -> BatchReader:
+            return BatchReader(self, ReadConfig(batch_size, seed, e, shuffle, world_size, rank, split,
+                                                shuffle_window_rows))
+        return open_epoch(epoch) if epochs == 1 else Epochs(open_epoch, epoch, epochs)
 
     def sparse_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                       split: str = "train", *, shuffle_window_rows: int = DEFAULT_WINDOW_ROWS) -> "SparseBatches":
+                       split: str = "train", *, shuffle_window_rows: int = DEFAULT_WINDOW_ROWS,
+                       epochs: int = 1) -> "SparseBatches | Epochs":
         """Row ids [B, T] of every full global batch; reads only the categorical columns."""
-        cfg = ReadConfig(batch_size, seed, epoch, shuffle, 1, 0, split, shuffle_window_rows)
-        return SparseBatches(self, cfg)
+        def open_epoch(e: int) -> SparseBatches:
+            return SparseBatches(self, ReadConfig(batch_size, seed, e, shuffle, 1, 0, split, shuffle_window_rows))
+        return open_epoch(epoch) if epochs == 1 else Epochs(open_epoch, epoch, epochs)
+
+
+class Epochs:
+    """Several epochs as one sequence of batches: ``run[i]`` is batch i mod n of epoch first + i // n.
+
+    Keeps the readers of the two most recent epochs touched (a planner's
+    window or a prefetching trainer straddles a boundary), so memory stays
+    that of two readers.
+    """
+
+    def __init__(self, open_epoch, first: int, epochs: int) -> None:
+        if epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {epochs}")
+        self._open = open_epoch
+        self.first = first
+        self.epochs = epochs
+        self._readers: OrderedDict[int, object] = OrderedDict()
+        self._lock = threading.Lock()  # trainers read the next batch from a background thread
+        self.per_epoch = len(self._reader(first))
+
+    def _reader(self, epoch: int):
+        with self._lock:
+            reader = self._readers.pop(epoch, None)
+            if reader is None:
+                reader = self._open(epoch)
+            self._readers[epoch] = reader
+            while len(self._readers) > 2:
+                self._readers.popitem(last=False)
+            return reader
+
+    def epoch_of(self, i: int) -> int:
+        return self.first + i // self.per_epoch
+
+    def __len__(self) -> int:
+        return self.per_epoch * self.epochs
+
+    def __getitem__(self, i: int):
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"batch index must be an integer, got {type(i).__name__}")
+        j = int(i) + len(self) if i < 0 else int(i)
+        if not 0 <= j < len(self):
+            raise IndexError(f"batch {i} out of range: {self.epochs} epochs of {self.per_epoch} batches")
+        return self._reader(self.first + j // self.per_epoch)[j % self.per_epoch]
 
 
 class _Stream:
@@ -281,6 +334,9 @@ class BatchReader:
     def __len__(self) -> int:
         return self.stream.total // self.cfg.batch_size
 
+    def epoch_of(self, i: int) -> int:
+        return self.cfg.epoch
+
     def __getitem__(self, i: int) -> Batch:
         i = _check_index(i, len(self), self.cfg)
         start = i * self.cfg.batch_size + self.cfg.rank * self.local
@@ -297,6 +353,9 @@ class SparseBatches:
 
     def __len__(self) -> int:
         return self.stream.total // self.cfg.batch_size
+
+    def epoch_of(self, i: int) -> int:
+        return self.cfg.epoch
 
     def __getitem__(self, i: int) -> np.ndarray:
         i = _check_index(i, len(self), self.cfg)

@@ -90,6 +90,11 @@ class SegmentedPlans:
                 yield i + lo, plans
             self._add_stats(self.planner.stats)
 
+    def epoch_of(self, i: int) -> int:
+        """The epoch iteration i reads (named in each plan's header)."""
+        epoch_of = getattr(self.batches, "epoch_of", None)
+        return 0 if epoch_of is None else epoch_of(i)
+
     def note_writebacks_applied(self, through_iteration: int) -> None:
         if self.planner is not None:
             self.planner.note_writebacks_applied(through_iteration - self.offset)
@@ -170,7 +175,7 @@ class OracleServer:
                     raise OracleError(f"no credit from trainer {slow} within {self.timeout_s}s (last finished iteration {self.done[slow]})")
                 self._handle(*msg)
             for t, plan in enumerate(plans):
-                self._send_plan(i, t, encode_plan(plan, self.job))
+                self._send_plan(i, t, encode_plan(plan, self.job, self.planner.epoch_of(i)))
             while self.sock.poll(0):
                 self._handle(*self._recv(0))
         for t in range(self.trainers):
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     job = (args.run_dir / "job_id").read_text().strip()
     from data.reader import Dataset
 
-    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle)
+    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
     iterations = cfg.iterations or len(sparse)
     stream = SegmentedPlans(cfg, sparse, iterations, start=args.first_iteration)
     server = OracleServer(stream, job, args.endpoint, cfg.trainers, cfg.max_ahead, cfg.plan_timeout_s,

@@ -535,6 +535,23 @@ def test_shuffle_is_deterministic_and_depends_on_seed_and_epoch(prepared):
     assert not np.array_equal(base, order(seed=1, epoch=0, shuffle=False))
 
 
+def test_epochs_follow_one_another_each_in_its_own_order(prepared):
+    ds = Dataset(prepared)
+    one = [ds.sparse_batches(500, seed=4, epoch=e, shuffle_window_rows=3000) for e in (1, 2, 3)]
+    run = ds.sparse_batches(500, seed=4, epoch=1, shuffle_window_rows=3000, epochs=3)
+    ranks = ds.batches(500, seed=4, epoch=1, world_size=2, rank=1, shuffle_window_rows=3000, epochs=3)
+    n = len(one[0])
+    assert len(run) == len(ranks) == 3 * n
+    for i in (0, n - 1, n, 2 * n + 1, 3 * n - 1, -1):
+        e, j = divmod(i % (3 * n), n)
+        assert np.array_equal(run[i], one[e][j]), i
+        assert np.array_equal(ranks[i].sparse, one[e][j][250:]), i
+        assert run.epoch_of(i % (3 * n)) == 1 + e
+    assert not np.array_equal(run[0], run[n])
+    with pytest.raises(IndexError, match="3 epochs of"):
+        run[3 * n]
+
+
 def test_small_dataset_is_fully_permuted(prepared):
     # one window holds everything: the first batch draws from the whole split
     ds = Dataset(prepared)

@@ -88,3 +88,23 @@ def test_killed_trainer_ends_the_job_with_a_clear_error(small_criteo, tmp_path):
     assert "trainers" in out and "exited with code" in out, out[-2000:]
     others = [int((run_dir / "rank0.pid").read_text())] + list(pids.values())
     assert wait_gone(others, 10.0) == []
+
+
+def test_several_epochs_run_as_one_plan_stream(small_criteo, tmp_path):
+    """Two epochs, the boundary inside the run: bagpipe still trains exactly the all-in-memory model."""
+    from data.reader import Dataset
+
+    per_epoch = len(Dataset(str(small_criteo)).sparse_batches(4096, seed=0))
+    iterations = per_epoch + 3
+    base = RunConfig(data=str(small_criteo), trainers=1, shards=1, batch_size=4096, iterations=iterations,
+                     epochs=2, cache_rows=30000, lead=2, horizon=4, eval_batches=1)
+    run_job(base.replace(policy="local"), tmp_path / "local", quiet=True)
+    m = run_job(base.replace(policy="bagpipe"), tmp_path / "bagpipe", quiet=True)
+    assert m["iterations"] == iterations
+    ref, got = load_model(tmp_path / "local"), load_model(tmp_path / "bagpipe")
+    for name, tensor in ref["dense"].items():
+        assert got["dense"][name].equal(tensor), name
+    for table, rows in ref["tables"].items():
+        assert got["tables"][table]["weights"].equal(rows["weights"]), table
+    with pytest.raises(Exception, match=r"'iterations': .* in 2 epoch\(s\)"):
+        run_job(base.replace(iterations=2 * per_epoch + 1), tmp_path / "too-long", quiet=True)

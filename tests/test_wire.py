@@ -50,6 +50,10 @@ def test_wrong_iteration_rank_or_job_is_refused():
         decode_plan(frames, "job", rank=0, iteration=3)
     with pytest.raises(WireError, match="from job"):
         decode_plan(frames, "other", rank=1, iteration=3)
+    with pytest.raises(WireError, match="epoch 0 arrived when epoch 1"):
+        decode_plan(frames, "job", rank=1, iteration=3, epoch=1)
+    later = [bytes(f) for f in encode_plan(_plan(i=3), "job", epoch=2)]
+    assert decode_plan(later, "job", rank=1, iteration=3, epoch=2).iteration == 3
 
 
 def test_control_messages():

@@ -54,8 +54,10 @@ def pick_device(setting: str) -> torch.device:
 class PlanClient:
     """The trainer's end of the plan stream: in-order plans, credits back."""
 
-    def __init__(self, endpoint: str, job: str, rank: int, timeout_s: float, curve_dir: str = "") -> None:
+    def __init__(self, endpoint: str, job: str, rank: int, timeout_s: float, curve_dir: str = "",
+                 epoch_of=lambda i: 0) -> None:
         self.endpoint, self.job, self.rank, self.timeout_s = endpoint, job, rank, timeout_s
+        self.epoch_of = epoch_of  # iteration -> the epoch its plan must name
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -74,7 +76,7 @@ class PlanClient:
             raise TrainerError(f"the oracle stopped: {header.get('message', '')}")
         if kind == KIND_END:
             raise TrainerError(f"rank {self.rank}: the oracle ended the plan stream before iteration {iteration}")
-        return decode_plan(frames, self.job, self.rank, iteration)
+        return decode_plan(frames, self.job, self.rank, iteration, self.epoch_of(iteration))
 
     def credit(self, iteration: int, written_through: int) -> None:
         self.sock.send_multipart(encode_control(KIND_CREDIT, self.job, rank=self.rank, iteration=iteration,
@@ -167,12 +169,13 @@ class Trainer:
         self.table_names = [name for name, _ in self.dataset.tables]
         self.table_sizes = np.array([n for _, n in self.dataset.tables], dtype=np.int64)
         self.local_b = cfg.batch_size // world
-        self.reader = self.dataset.batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle,
-                                           world_size=world, rank=rank)
+        self.reader = self.dataset.batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
+                                           world_size=world, rank=rank, epochs=cfg.epochs)
         self.iterations = cfg.iterations or len(self.reader)
         self.batches = BatchPrefetcher(self.reader, self.iterations - 1)
         if self.iterations > len(self.reader):
-            raise TrainerError(f"config key 'iterations': {self.iterations} > {len(self.reader)} full batches in {cfg.data}")
+            raise TrainerError(f"config key 'iterations': {self.iterations} > {len(self.reader)} full batches "
+                               f"in {cfg.epochs} epoch(s) of {cfg.data}")
         torch.manual_seed(cfg.seed)  # identical dense initial weights on every rank
         self.model = build_dense_model(cfg.model_config(), self.dataset.num_dense, len(self.table_names)).to(self.device)
         self.dense_params = [p for p in self.model.parameters()]
@@ -190,7 +193,7 @@ class Trainer:
             total = int(self.table_sizes.sum())
             self.cache = SlotCache(total, dim, sw, self.device, cfg.optimizer, cfg.lr, cfg.eps)
             self._init_local_tables()
-            sparse = self.dataset.sparse_batches(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=cfg.shuffle)
+            sparse = self.dataset.sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
             self.plans = LocalPlans(self.offsets, sparse, rank, world, self.local_b)
             self.touched = torch.zeros(total, dtype=torch.bool)
         else:
@@ -204,7 +207,8 @@ class Trainer:
             self.cache = SlotCache(cfg.cache_rows if cfg.policy not in ("none", "bagpipe-original") else 1024,
                                    dim, sw, self.device, cfg.optimizer, cfg.lr, cfg.eps)
             job = (run_dir / "job_id").read_text().strip()
-            self.client = PlanClient(endpoints["oracle"], job, rank, cfg.plan_timeout_s, cfg.zmq_curve_dir)
+            self.client = PlanClient(endpoints["oracle"], job, rank, cfg.plan_timeout_s, cfg.zmq_curve_dir,
+                                     self.reader.epoch_of)
             self.plans = self.client
         if start > 0:
             self._restore()
