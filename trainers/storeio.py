@@ -25,6 +25,16 @@ class StoreIOError(RuntimeError):
     pass
 
 
+class _Block:
+    """One plan's fetches, ids [start, start + n): their rows once arrived, and how many are still to be used."""
+
+    __slots__ = ("start", "n", "values", "left")
+
+    def __init__(self, start: int, n: int) -> None:
+        self.start, self.n, self.left = start, n, n
+        self.values: np.ndarray | None = None
+
+
 class StoreIO:
     """Asynchronous fetches (by fetch id) and write-backs for one trainer."""
 
@@ -33,8 +43,9 @@ class StoreIO:
         self.wait_timeout_s = wait_timeout_s
         self._ops: deque = deque()
         self._cv = threading.Condition()
-        self._staged: dict[int, np.ndarray] = {}
-        self._cancelled: set[int] = set()
+        # Fetched rows wait here, off the cache, until the plan installs them: one block per
+        # plan's fetches (their ids are consecutive), so installing is a gather, not a loop per row.
+        self._blocks: list[_Block] = []
         self._error: BaseException | None = None
         self._closed = False
         self.written_through = -1  # every write-back issued after iterations <= this has landed
@@ -55,6 +66,8 @@ class StoreIO:
     # ------------------------------------------------------------ trainer side
     def fetch(self, first_id: int, keys: np.ndarray, min_versions: np.ndarray) -> None:
         if len(keys):
+            with self._cv:
+                self._blocks.append(_Block(first_id, len(keys)))
             self._submit(("get", first_id, keys.copy(), min_versions.copy()))
 
     def write_back(self, keys: np.ndarray, values: np.ndarray, version: int) -> None:
@@ -67,27 +80,40 @@ class StoreIO:
         self._submit(("mark", iteration))
 
     def cancel(self, ids: np.ndarray) -> None:
+        """Drop the rows of fetch ``ids`` (arrived or not)."""
         with self._cv:
-            for fid in ids.tolist():
-                if self._staged.pop(fid, None) is None:
-                    self._cancelled.add(fid)
+            self._consume(np.asarray(ids, np.int64), None, None)
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """Block until the rows of fetch ``ids`` have arrived; returns them stacked."""
-        deadline = time.monotonic() + self.wait_timeout_s
-        out = []
+        ids = np.asarray(ids, np.int64)
+        out = np.empty((len(ids), self.store.width), np.float32)
         with self._cv:
-            for fid in ids.tolist():
-                while fid not in self._staged:
+            self._consume(ids, out, time.monotonic() + self.wait_timeout_s)
+        return out
+
+    def _consume(self, ids: np.ndarray, out: np.ndarray | None, deadline: float | None) -> None:
+        """Hand the rows of ``ids`` to ``out`` (waiting for them until ``deadline``), or drop them."""
+        found = 0
+        for block in list(self._blocks):
+            here = np.flatnonzero((ids >= block.start) & (ids < block.start + block.n))
+            if not len(here):
+                continue
+            if out is not None:
+                while block.values is None:
                     self._raise_if_failed()
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise StoreIOError(f"fetch {fid} did not arrive within {self.wait_timeout_s}s")
+                        raise StoreIOError(f"fetches {block.start}..{block.start + block.n - 1} did not arrive "
+                                           f"within {self.wait_timeout_s}s")
                     self._cv.wait(min(left, 1.0))
-                out.append(self._staged.pop(fid))
-        if not out:
-            return np.zeros((0, self.store.width), np.float32)
-        return np.stack(out)
+                out[here] = block.values[ids[here] - block.start]
+            found += len(here)
+            block.left -= len(here)
+            if block.left == 0:
+                self._blocks.remove(block)
+        if found != len(ids):
+            raise StoreIOError(f"{len(ids) - found} of fetch ids {ids.tolist()[:8]}... were never issued or already used")
 
     def drain(self) -> None:
         """Wait until every issued operation has run."""
@@ -197,10 +223,7 @@ class StoreIO:
             stale = stale[ver2 < min_versions[stale]]
         self.rows_fetched += len(keys)
         with self._cv:
-            for j in range(len(keys)):
-                fid = first_id + j
-                if fid in self._cancelled:
-                    self._cancelled.discard(fid)
-                else:
-                    self._staged[fid] = values[j]
+            for block in self._blocks:
+                if block.start == first_id:
+                    block.values = values
             self._cv.notify_all()
