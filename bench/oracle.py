@@ -68,7 +68,9 @@ def plan_rate(trace, batch: int, trainers: int, cache_rows: int, impl=planner, a
 def warm_up(tables: int) -> float:
     """Seconds to get the compiled kernels ready (loaded from numba's cache, or compiled the first time)."""
     t0 = time.perf_counter()
-    plan_rate(zipf_trace(3, 8, tables, 100), 8, 2, 1000)
+    # Long enough for the state to grow (rehash, queue compaction) and to forget acknowledged
+    # write-backs: numba loads each kernel at its first call, which must not fall in the timed run.
+    plan_rate(zipf_trace(12, 512, tables, 20_000), 512, 2, 8000, ack_lag=2)
     return time.perf_counter() - t0
 
 

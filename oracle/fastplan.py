@@ -12,7 +12,7 @@ executable specification); only the bookkeeping differs.
   memory for the others). A row has an entry while it is resident or used
   in the loaded window, so the pool grows with the window and the cache,
   never with table size.
-* **The window** is a ring of R = max(horizon, lead) + 2 iterations. Loading
+* **The window** is a ring of R = horizon + 2 iterations. Loading
   an iteration sorts its distinct keys once (radix sort) and links every
   occurrence to the row's previous one, so retiring an iteration reads each
   row's next use from the ring instead of a per-row deque.
@@ -23,27 +23,34 @@ executable specification); only the bookkeeping differs.
     last use = that iteration and in key order, so one FIFO per frequency
     gives A's order (frequencies >= 64, rare there, use a small heap). Rows
     whose next use is v sit in bucket v, an unordered list sorted (stably,
-    by radix) only when a victim search reaches it. Rows fetched ahead and
-    not used yet would lead their bucket, but are never eligible (see
-    ``_victim_bagpipe``); a per-bucket count checks that.
+    by radix) only when a victim search reaches it.
   - ``lru`` / ``lfu`` order (last use, key) / (frequency, last use, key),
     which only grow while a row stays resident: FIFOs per frequency again
     give the order, with lazily refreshed heap entries beyond 63.
   Every queued item carries a stamp; an item whose stamp differs from its
-  row's current stamp is stale and skipped.
+  row's current stamp is stale and skipped. Queue nodes are taken in
+  append order from a pool and never reused in place (``compact_nodes``
+  moves the live ones to the front, list by list, when the pool is full),
+  so walking a list, as victim choice does, reads memory forwards.
 * **Episodes** (rows held by several trainers) are a global hash index over
-  records with present/pending bit masks and each holder's entry; versions
+  records (one cache line each for up to two trainers) with present/pending
+  bit masks and each holder's slot, so plans never read another trainer's
+  row entries; versions
   of write-backs not yet acknowledged are a separate key -> version map, with
   a FIFO of (version, key) to forget them in order.
 
-One step is ``advance`` per trainer (retire k-1, fetch for k..k+lead; each
-touches only its trainer's state, so trainers run in parallel), then
+Residency is planned on demand: a row read at k and not resident is
+fetched and installed in plan k (``oracle.staging`` moves the store fetches
+ahead afterwards), so no fetch is ever pending across steps, deferred or
+cancelled. One step is ``advance`` per trainer (retire k-1, fetch for k;
+each touches only its trainer's state, so trainers run in parallel), then
 ``finish_step`` (k-1's evictions and write-backs) and, once plan k-1 has
 been handed out, ``plan_iteration`` (plan k). ``load`` brings the next
 iteration into each trainer's window, also in parallel.
 
-Memory latency, not arithmetic, bounds this code: free lists are array
-stacks (a linked free list costs a dependent cache miss per allocation),
+Memory latency, not arithmetic, bounds this code: free lists of entries
+and slots are array stacks (a linked free list costs a dependent cache miss
+per allocation),
 loops prefetch the records they will need a few iterations ahead, and
 helpers that take many arrays are compiled without reference counting
 (``_nrt=False``; they allocate nothing) so that calling them costs no
@@ -67,26 +74,33 @@ POLICY_CODES = {"none": P_NONE, "lru": P_LRU, "lfu": P_LFU, "lru-prefetch": P_LR
                 "static": P_STATIC, "bagpipe": P_BAGPIPE, "bagpipe-original": P_ORIGINAL}
 
 # Config vector C.
-C_POLICY, C_CAP, C_LEAD, C_HORIZON, C_N, C_U, C_R, C_ITERS, C_BOUNDED, C_T, C_LB, C_MAXHL, C_NW, C_GW = range(14)
-C_LEN = 14
+C_POLICY, C_CAP, C_HORIZON, C_N, C_U, C_R, C_ITERS, C_BOUNDED, C_T, C_LB, C_NW, C_GW = range(12)
+C_LEN = 12
 
 # Row entry, one 64-byte cache line: int64 fields of E64 [.., 8] and int32 fields of its view E32 [.., 16].
-X_KEY, X_QST, X_FID, X_ACQ = range(4)  # key, queue stamp, fetch id (-1: none pending), acquisition order
+X_KEY, X_QST, X_ACQ = range(3)  # key, queue stamp, acquisition order
 Y_NEXT, Y_LAST, Y_FREQ, Y_LINK, Y_SLOT, Y_GIDX, Y_DSI, Y_FLAGS = range(8, 16)
 F_PIN, F_INHEAP = 1, 2  # bits of Y_FLAGS
 
 # Per-trainer counters M.
 (M_ECOUNT, M_EHWM, M_EFREEN, M_NEXTSLOT, M_FREEN, M_NEXTFID, M_RES, M_STAMP, M_ACQ,
- M_NHWM, M_NFREEN, M_NLIVE, M_HOT, M_QMASK, M_LA_LIST, M_LA_NEAR, M_LA_FAR) = range(17)
+ M_NHWM, M_HOT, M_QMASK, M_LA_LIST, M_LA_NEAR, M_LA_FAR) = range(15)
 M_LEN = 20
 
 # Stats columns, in PlanStats field order.
-S_FETCHED, S_JOINED, S_WRITTEN, S_SYNCED, S_DEFERRED, S_PEAK = range(6)
-S_LEN = 6
+S_FETCHED, S_JOINED, S_WRITTEN, S_SYNCED, S_PEAK = range(5)
+S_LEN = 5
 
 # Episode record GE [g, GW]: fields, then NW present words, NW pending words, N holder entries.
-G_KEY, G_LIVE, G_SYNC, G_JOIN, G_END, G_WRITER = range(6)
-G_MASKS = 6
+# A holder entry is the holder's slot (low 32 bits) and, for a founder, its fetch id relative to the
+# plan's first (high 32 bits): joins, installs and syncs then never read another trainer's row entry.
+# With two trainers a record is 8 int64 and the planner aligns the records to one cache line each.
+# An episode is live (updated at least once) once no founder is pending: on demand its founders fetch
+# and install in the same plan. G_END_WRITER holds, while a step finishes, the iteration after which
+# the episode ended (high 32 bits) and the trainer that writes it back (low 32 bits).
+G_KEY, G_SYNC, G_JOIN, G_END_WRITER = range(4)
+G_MASKS = 4
+_LOW32 = (1 << 32) - 1
 # Global counters GM.
 GM_COUNT, GM_HWM, GM_FREEN, GM_WB_COUNT, GM_WQ_HEAD, GM_WQ_TAIL = range(6)
 GM_LEN = 8
@@ -306,28 +320,23 @@ def _ealloc(EFSt, Mt):
 
 
 @njit(_nrt=False)
-def _nalloc(QFSt, Mt):
-    fn = Mt[M_NFREEN]
-    if fn > 0:
-        Mt[M_NFREEN] = fn - 1
-        n = np.int64(QFSt[fn - 1])
-    else:
-        n = Mt[M_NHWM]
-        Mt[M_NHWM] = n + 1
-    Mt[M_NLIVE] += 1
+def _nalloc(Mt):
+    """A new queue node: always the next unused one (``compact_nodes`` makes room).
+
+    Nodes are never reused in place: a list's nodes then lie in memory in the
+    order they were appended, so walking a list from its head (victims leave
+    from there) reads memory forwards instead of one random line per node,
+    and appending writes the lines next to the previous appends. A node
+    unlinked from its list is simply left behind until the next compaction.
+    """
+    n = Mt[M_NHWM]
+    Mt[M_NHWM] = n + 1
     return n
 
 
 @njit(_nrt=False)
-def _nfree(QFSt, Mt, n):
-    QFSt[Mt[M_NFREEN]] = n
-    Mt[M_NFREEN] += 1
-    Mt[M_NLIVE] -= 1
-
-
-@njit(_nrt=False)
-def _lappend(Qt, QHt, QFSt, Mt, li, e, stamp):
-    n = _nalloc(QFSt, Mt)
+def _lappend(Qt, QHt, Mt, li, e, stamp):
+    n = _nalloc(Mt)
     Qt[n, 0] = e
     Qt[n, 1] = stamp
     Qt[n, 2] = -1
@@ -340,7 +349,7 @@ def _lappend(Qt, QHt, QFSt, Mt, li, e, stamp):
 
 
 @njit(_nrt=False)
-def _lpop(Qt, QHt, QFSt, Mt, li):
+def _lpop(Qt, QHt, li):
     """Drop the head node of list ``li``. A list is sorted while its sorted prefix ends at its tail."""
     n = QHt[li, 0]
     nx = Qt[n, 2]
@@ -350,15 +359,14 @@ def _lpop(Qt, QHt, QFSt, Mt, li):
         QHt[li, 2] = -1
     elif QHt[li, 2] == n:
         QHt[li, 2] = -1
-    _nfree(QFSt, Mt, n)
 
 
 @njit(_nrt=False)
-def _lookahead(E64t, E32t, Qt, QHt, Mt, li, Ht, hshift, GE, ho):
+def _lookahead(E64t, Qt, QHt, Mt, li, Ht, hshift):
     """Prefetch for the victims that will follow the head of list ``li``.
 
     Victims leave a list from its head, one after the other, and each costs
-    misses on its record, its hash cell and its episode. Two pointers run
+    misses on its record and its hash cell. Two pointers run
     ahead of the head (PF and PF / 2 nodes) and load those early; call this
     after every head pop. ``M_LA_LIST`` = -1 forgets them (the list changed).
     """
@@ -386,27 +394,18 @@ def _lookahead(E64t, E32t, Qt, QHt, Mt, li, Ht, hshift, GE, ho):
         _prefetch(E64t, Qt[far, 0])
     near = Mt[M_LA_NEAR]
     if near >= 0:
-        e = Qt[near, 0]
-        _prefetch(Ht, _home(E64t[e, X_KEY], hshift))
-        g = E32t[e, Y_GIDX]
-        if g >= 0:
-            _prefetch_at(GE, g, ho)
+        _prefetch(Ht, _home(E64t[Qt[near, 0], X_KEY], hshift))
 
 
 @njit(_nrt=False)
-def _lclear(Qt, QHt, QFSt, Mt, li):
-    n = QHt[li, 0]
-    while n >= 0:
-        nx = Qt[n, 2]
-        _nfree(QFSt, Mt, n)
-        n = nx
+def _lclear(QHt, li):
     QHt[li, 0] = -1
     QHt[li, 1] = -1
     QHt[li, 2] = -1
 
 
 @njit
-def _lsort(E64t, E32t, Qt, QHt, QFSt, Mt, li):
+def _lsort(E64t, E32t, Qt, QHt, li):
     """Sort bucket list ``li`` in place by (frequency, last use), stably; drop stale nodes.
 
     Rows of one (frequency, last use) always enter a bucket in one batch in
@@ -431,8 +430,6 @@ def _lsort(E64t, E32t, Qt, QHt, QFSt, Mt, li):
             ents[m] = e
             stamps[m] = Qt[n, 1]
             m += 1
-        else:
-            _nfree(QFSt, Mt, n)
         n = nx
     vals = np.empty(m, np.int64)
     for i in range(m):
@@ -531,37 +528,45 @@ def compact_heaps(E64, HP, HN):
 
 
 @njit(cache=True)
-def compact_nodes(E64, Q, QH, QFS, M):
-    """Unlink stale queue nodes of every list, keeping each list's order and sorted prefix."""
+def compact_nodes(E64, Q, QH, M):
+    """Move every trainer's live queue nodes to the front of its pool, list after list, in list order.
+
+    Stale nodes are dropped; each list keeps its order and its sorted prefix,
+    and its nodes become consecutive in memory. Afterwards new nodes are
+    taken from just past the live ones.
+    """
     for t in range(Q.shape[0]):
-        E64t, Qt, QHt, QFSt, Mt = E64[t], Q[t], QH[t], QFS[t], M[t]
+        E64t, Qt, QHt, Mt = E64[t], Q[t], QH[t], M[t]
+        moved = np.empty((max(Mt[M_NHWM], 1), 3), np.int64)
+        m = 0
         for li in range(QHt.shape[0]):
             n = QHt[li, 0]
             sorted_tail = QHt[li, 2]
             in_sorted = sorted_tail >= 0
             new_sorted = -1  # last kept node of the sorted prefix
-            prev = -1
-            head = -1
+            first = m
             while n >= 0:
-                nx = Qt[n, 2]
                 if E64t[Qt[n, 0], X_QST] == Qt[n, 1]:
-                    if prev >= 0:
-                        Qt[prev, 2] = n
-                    else:
-                        head = n
-                    prev = n
+                    moved[m, 0] = Qt[n, 0]
+                    moved[m, 1] = Qt[n, 1]
+                    moved[m, 2] = m + 1
                     if in_sorted:
-                        new_sorted = n
-                else:
-                    _nfree(QFSt, Mt, n)
+                        new_sorted = m
+                    m += 1
                 if n == sorted_tail:
                     in_sorted = False
-                n = nx
-            if prev >= 0:
-                Qt[prev, 2] = -1
-            QHt[li, 0] = head
-            QHt[li, 1] = prev
+                n = Qt[n, 2]
+            if m > first:
+                moved[m - 1, 2] = -1
+                QHt[li, 0] = first
+                QHt[li, 1] = m - 1
+            else:
+                QHt[li, 0] = -1
+                QHt[li, 1] = -1
             QHt[li, 2] = new_sorted
+        Qt[:m] = moved[:m]
+        Mt[M_NHWM] = m
+        Mt[M_LA_LIST] = -1
 
 
 # ---------------------------------------------------------------- bit masks
@@ -607,14 +612,14 @@ def _bits_lowest(GE, g, w0, nw):
 
 # ------------------------------------------------------------------ loading
 @njit(nogil=True, cache=True)
-def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QFS, QL, PK, PN, distinct, WL):
+def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN, distinct, WL):
     """Bring iteration ``i`` (rows [batch, tables] of row ids) into trainer t's window.
 
     Dedups each trainer's share, sorts its distinct keys, links each key's
     previous loaded occurrence to this one, and (bagpipe) moves resident rows
     that had no use in the window from set A to bucket i. ``distinct[t]``
     receives its number of distinct rows. It touches only trainer t's state,
-    so trainers load at the same time; ``WL[t]`` [6, U] is scratch.
+    so trainers load at the same time; ``WL[t]`` [5, U] is scratch.
     """
     U, R, LB, T = C[C_U], C[C_R], C[C_LB], C[C_T]
     bag = C[C_POLICY] == P_BAGPIPE
@@ -623,24 +628,33 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QFS, QL, PK
     shift, mask = _shift_for(hcap), hcap - 1
     sl = i % R
     base = sl * U
-    ids, it, rank, kk, dk, de = WL[t, 0], WL[t, 1], WL[t, 2], WL[t, 3], WL[t, 4], WL[t, 5]
+    it, rank, kk, dk, de = WL[t, 0], WL[t, 1], WL[t, 2], WL[t, 3], WL[t, 4]
     E64t, E32t, Ht, Mt = E64[t], E32[t], Hh[t], M[t]
     r0 = t * LB
     for b in range(LB):
         for c in range(T):
             kk[b * T + c] = (np.int64(c) << ROW_SHIFT) | rows[r0 + b, c]
-    # 1. every occurrence -> its row's entry (created when new)
+    # 1. every occurrence -> its row's entry (created when new), and the distinct rows in order of
+    # first occurrence (Y_DSI and de form a sparse set: no clearing). Two look-aheads: the hash cell
+    # PF occurrences ahead, then, PF / 2 ahead, the entry that cell names (when the key sits at home).
+    nd = 0
+    EFSt = EFS[t]
     for x in range(U):
         if x + PF < U:
             _prefetch(Ht, _home(kk[x + PF], shift))
+            q = _home(kk[x + PF // 2], shift)
+            if Ht[q, 0] == kk[x + PF // 2] and Ht[q, 1] > 0:
+                _prefetch(E64t, Ht[q, 1] - 1)
         key = kk[x]
         p = _hfind(Ht, key, shift, mask)
         e = Ht[p, 1] - 1
         if e < 0:
-            e = _ealloc(EFS[t], Mt)
+            fn = Mt[M_EFREEN]
+            if fn > PF // 2:
+                _prefetch(E64t, EFSt[fn - 1 - PF // 2])  # the entry taken PF / 2 new rows from now
+            e = _ealloc(EFSt, Mt)
             E64t[e, X_KEY] = key
             E64t[e, X_QST] = -1
-            E64[t, e, X_FID] = -1
             E64[t, e, X_ACQ] = 0
             E32t[e, Y_NEXT] = INF32
             E32t[e, Y_LAST] = -1
@@ -662,25 +676,17 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QFS, QL, PK
             E32t[e, Y_FLAGS] = flags
             Ht[p, 0] = key
             Ht[p, 1] = e + 1
-        ids[x] = e
-    # 2. distinct rows in order of first occurrence (Y_DSI and de form a sparse set: no clearing)
-    nd = 0
-    for x in range(U):
-        if x + PF < U:
-            _prefetch(E64t, ids[x + PF])
-        e = ids[x]
-        d = E32t[e, Y_DSI]
+            d = -1
+        else:
+            d = E32t[e, Y_DSI]
         if d < 0 or d >= nd or de[d] != e:
             d = nd
             E32t[e, Y_DSI] = d
             de[d] = e
+            dk[d] = key
             nd += 1
         it[x] = d
-    for d in range(nd):
-        if d + PF < nd:
-            _prefetch(E64t, de[d + PF])
-        dk[d] = E64t[de[d], X_KEY]
-    # 3. sorted by key; each occurrence's position among them
+    # 2. sorted by key; each occurrence's position among them
     order = _argsort(dk, nd)
     for s in range(nd):
         d = order[s]
@@ -690,8 +696,8 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QFS, QL, PK
         Wi[t, base + x] = rank[it[x]]
     Wn[t, sl] = nd
     distinct[t] = nd
-    # 4. next-use links
-    QHt, Qt, QFSt = QH[t], Q[t], QFS[t]
+    # 3. next-use links
+    QHt, Qt = QH[t], Q[t]
     for s in range(nd):
         if s + PF < nd:
             _prefetch(E64t, Wu[t, base + s + PF])
@@ -710,7 +716,7 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QFS, QL, PK
                 st = Mt[M_STAMP] + 1
                 Mt[M_STAMP] = st
                 E64t[e, X_QST] = st
-                _lappend(Qt, QHt, QFSt, Mt, NCLASS + sl, e, st)
+                _lappend(Qt, QHt, Mt, NCLASS + sl, e, st)
         else:
             Wx[t, E32t[e, Y_LINK]] = i
         E32t[e, Y_LINK] = base + s
@@ -731,7 +737,7 @@ def _take_slot(C, t, S, Mt):
 
 
 @njit(_nrt=False)
-def _release(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, QP, GE, hshift, hmask):
+def _release(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask):
     """Give up row ``e``'s slot (and its entry when it has no use left in the window)."""
     slot = np.int64(E32t[e, Y_SLOT])
     fn = Mt[M_FREEN]
@@ -744,18 +750,15 @@ def _release(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, QP, GE, hshift, hmask):
     E32t[e, Y_FREQ] = 0
     nu = np.int64(E32t[e, Y_NEXT])
     if C[C_POLICY] == P_BAGPIPE:
+        # Only queued rows are released (victims; the other policies drop rows just used).
         R = C[C_R]
-        if E64t[e, X_QST] >= 0:
-            QL[t, R if nu == INF32 else nu % R] -= 1
-        else:
-            QP[t, nu % R] -= 1  # fetched for bucket nu, never used
+        QL[t, R if nu == INF32 else nu % R] -= 1
     E64t[e, X_QST] = -1
     if C[C_POLICY] == P_LFU:
         E32t[e, Y_FLAGS] &= ~F_INHEAP
-    g = E32t[e, Y_GIDX]
-    if g >= 0:
-        GE[g, C[C_GW] - C[C_N] + t] = -1
-        E32t[e, Y_GIDX] = -1
+    # The episode's holder entry for t goes stale here, unread: finish_step clears t's present bit
+    # before anything reads holder entries again (plan k), which saves a cache miss per victim.
+    E32t[e, Y_GIDX] = -1
     if nu == INF32:
         p = _hfind(Ht, E64t[e, X_KEY], hshift, hmask)
         _hdel(Ht, p, hshift, hmask)
@@ -767,28 +770,20 @@ def _release(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, QP, GE, hshift, hmask):
 
 
 @njit(_nrt=False)
-def _gdelete(GE, GM, GFS, Gh, g):
+def _gdelete(GM, GFS, Gh, g, key):
+    """Forget episode ``g`` of row ``key``."""
     gcap = Gh.shape[0]
     gshift, gmask = _shift_for(gcap), gcap - 1
-    p = _hfind(Gh, GE[g, G_KEY], gshift, gmask)
+    p = _hfind(Gh, key, gshift, gmask)
     _hdel(Gh, p, gshift, gmask)
     GFS[GM[GM_FREEN]] = g
     GM[GM_FREEN] += 1
     GM[GM_COUNT] -= 1
 
 
-@njit(_nrt=False)
-def _drop_founder(C, t, g, GE, GM, GFS, Gh):
-    """A founder gives up a row before installing it: its fetch is cancelled."""
-    nw = C[C_NW]
-    _bit_clear(GE, g, G_MASKS + nw, t)
-    if _bits_empty(GE, g, G_MASKS, 2 * nw):
-        _gdelete(GE, GM, GFS, Gh, g)  # never used, never changed: nothing to write back
-
-
 # ------------------------------------------------------------------ retiring
 @njit(_nrt=False)
-def _enqueue_used(C, t, e, E64t, E32t, Mt, Qt, QHt, QFSt, QL, HP, HN):
+def _enqueue_used(C, t, e, E64t, E32t, Mt, Qt, QHt, QL, HP, HN):
     """Queue a row that was just used (its frequency and last use changed) for victim choice."""
     pol = C[C_POLICY]
     f = np.int64(E32t[e, Y_FREQ])
@@ -801,26 +796,26 @@ def _enqueue_used(C, t, e, E64t, E32t, Mt, Qt, QHt, QFSt, QL, HP, HN):
         if nu == INF32:
             QL[t, R] += 1
             if f < NCLASS:
-                _lappend(Qt, QHt, QFSt, Mt, f, e, st)
+                _lappend(Qt, QHt, Mt, f, e, st)
                 Mt[M_QMASK] |= np.int64(1) << f
             else:
                 _hpush(HP[t], HN, t, -INF, (f << 32) | (np.int64(E32t[e, Y_LAST]) + 1), E64t[e, X_KEY], e, st)
         else:
             b = nu % R
             QL[t, b] += 1
-            _lappend(Qt, QHt, QFSt, Mt, NCLASS + b, e, st)
+            _lappend(Qt, QHt, Mt, NCLASS + b, e, st)
     elif pol == P_LRU or pol == P_LRU_PREFETCH:
         st = Mt[M_STAMP] + 1
         Mt[M_STAMP] = st
         E64t[e, X_QST] = st
-        _lappend(Qt, QHt, QFSt, Mt, 1, e, st)
+        _lappend(Qt, QHt, Mt, 1, e, st)
         Mt[M_QMASK] |= np.int64(2)
     elif pol == P_LFU:
         if f < NCLASS:
             st = Mt[M_STAMP] + 1
             Mt[M_STAMP] = st
             E64t[e, X_QST] = st
-            _lappend(Qt, QHt, QFSt, Mt, f, e, st)
+            _lappend(Qt, QHt, Mt, f, e, st)
             Mt[M_QMASK] |= np.int64(1) << f
         elif (E32t[e, Y_FLAGS] & F_INHEAP) == 0:
             # From here on its priority only grows while resident: one heap entry, refreshed lazily.
@@ -832,19 +827,18 @@ def _enqueue_used(C, t, e, E64t, E32t, Mt, Qt, QHt, QFSt, QL, HP, HN):
 
 
 @njit(_nrt=False)
-def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QFS, QL, QP, HP, HN, GE, hshift, hmask,
+def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE, hshift, hmask,
             ev, nev):
     """Record iteration i's uses (next use, last use, frequency), then the policy's drops."""
     R, U, pol = C[C_R], C[C_U], C[C_POLICY]
-    E64t, E32t, Ht, Mt, Qt, QHt, QFSt = E64[t], E32[t], Hh[t], M[t], Q[t], QH[t], QFS[t]
+    E64t, E32t, Ht, Mt, Qt, QHt = E64[t], E32[t], Hh[t], M[t], Q[t], QH[t]
     sl = i % R
     base = sl * U
     nd = Wn[t, sl]
     if pol == P_BAGPIPE:
         # Every row queued in bucket i is used at i and queued again below.
-        _lclear(Qt, QHt, QFSt, Mt, NCLASS + sl)
+        _lclear(QHt, NCLASS + sl)
         QL[t, sl] = 0
-        QP[t, sl] = 0
     queued = pol == P_BAGPIPE or pol == P_LRU or pol == P_LRU_PREFETCH or pol == P_LFU
     for s in range(nd):
         if s + PF < nd:
@@ -857,7 +851,7 @@ def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QFS, QL, QP, HP
         if f == HOT:
             Mt[M_HOT] += 1
         if queued:
-            _enqueue_used(C, t, e, E64t, E32t, Mt, Qt, QHt, QFSt, QL, HP, HN)
+            _enqueue_used(C, t, e, E64t, E32t, Mt, Qt, QHt, QL, HP, HN)
     if pol == P_NONE or pol == P_STATIC or pol == P_ORIGINAL:
         H = C[C_HORIZON]
         for s in range(nd):
@@ -867,9 +861,6 @@ def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QFS, QL, QP, HP
                 if s + PF // 2 < nd:
                     eb = Wu[t, base + s + PF // 2]
                     _prefetch(Ht, _home(E64t[eb, X_KEY], hshift))
-                    gb = E32t[eb, Y_GIDX]
-                    if gb >= 0:
-                        _prefetch(GE, gb)
             e = Wu[t, base + s]
             if pol == P_STATIC and (E32t[e, Y_FLAGS] & F_PIN) != 0:
                 continue
@@ -877,7 +868,7 @@ def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QFS, QL, QP, HP
                 continue  # the original rule: keep a row while its reuse gap is under the lookahead
             key = E64t[e, X_KEY]
             g = E32t[e, Y_GIDX]
-            slot = _release(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, QP, GE, hshift, hmask)
+            slot = _release(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask)
             ev[nev, 0] = t
             ev[nev, 1] = key
             ev[nev, 2] = slot
@@ -888,20 +879,12 @@ def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QFS, QL, QP, HP
 
 # -------------------------------------------------------------------- victims
 @njit(_nrt=False)
-def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QFSt, QL, QP, HP, HN, Ht, hshift, GE):
+def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QL, HP, HN, Ht, hshift):
     """The resident row with the smallest (-next use, frequency, last use, key), if its next use > need_at.
 
     Returns (row or -1, updated vtop, status): status 1 is an inconsistency, 2
     asks the caller to sort bucket list ``vtop`` and ask again (this function
     allocates nothing, so it runs without reference counting).
-
-    Rows fetched ahead and not used yet (frequency 0) would come first in
-    their bucket, but none is ever eligible: a pass reaches iteration j only
-    once every row needed before j is resident, and a row needed at or before
-    the current need is never a victim, so the rows a step fetched ahead are
-    for iterations up to where it stopped, which is at most any later pass's
-    need. They are therefore not queued; ``QP`` counts them per bucket and a
-    search that would meet one reports an inconsistency instead.
     """
     R = C[C_R]
     if QL[t, R] > 0:
@@ -914,8 +897,8 @@ def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QFSt, QL, QP, 
                 n = QHt[f, 0]
                 e = Qt[n, 0]
                 ok = E64t[e, X_QST] == Qt[n, 1]
-                _lpop(Qt, QHt, QFSt, Mt, f)
-                _lookahead(E64t, E32t, Qt, QHt, Mt, f, Ht, hshift, GE, C[C_GW] - C[C_N] + t)
+                _lpop(Qt, QHt, f)
+                _lookahead(E64t, Qt, QHt, Mt, f, Ht, hshift)
                 if ok:
                     return e, vtop, 0
             Mt[M_QMASK] = m & ~(np.int64(1) << f)
@@ -930,8 +913,6 @@ def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QFSt, QL, QP, 
     v = vtop
     while v > need_at:
         b = v % R
-        if QP[t, b] > 0:
-            return -1, v, 1
         if QL[t, b] > 0:
             li = NCLASS + b
             if QHt[li, 2] != QHt[li, 1]:
@@ -940,8 +921,8 @@ def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QFSt, QL, QP, 
                 n = QHt[li, 0]
                 e = Qt[n, 0]
                 ok = E64t[e, X_QST] == Qt[n, 1]
-                _lpop(Qt, QHt, QFSt, Mt, li)
-                _lookahead(E64t, E32t, Qt, QHt, Mt, li, Ht, hshift, GE, C[C_GW] - C[C_N] + t)
+                _lpop(Qt, QHt, li)
+                _lookahead(E64t, Qt, QHt, Mt, li, Ht, hshift)
                 if ok:
                     return e, v, 0
             return -1, v, 1
@@ -950,7 +931,7 @@ def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QFSt, QL, QP, 
 
 
 @njit(_nrt=False)
-def _victim_fifo(C, t, need_at, cur, skip, nskip, E64t, E32t, Mt, Qt, QHt, QFSt, HP, HN):
+def _victim_fifo(C, t, need_at, cur, skip, nskip, E64t, E32t, Mt, Qt, QHt, HP, HN):
     """LRU / LFU: the first row in queue order whose next use > need_at; the others stay queued.
 
     ``cur`` holds this pass's position in each class; skipped heap entries go
@@ -973,7 +954,7 @@ def _victim_fifo(C, t, need_at, cur, skip, nskip, E64t, E32t, Mt, Qt, QHt, QFSt,
                 n = nx  # read before the row it is fetched for: keep it, look further
                 continue
             if n == QHt[f, 0]:
-                _lpop(Qt, QHt, QFSt, Mt, f)
+                _lpop(Qt, QHt, f)
                 if QHt[f, 0] < 0:
                     Mt[M_QMASK] &= ~(np.int64(1) << f)
             n = nx
@@ -1007,126 +988,104 @@ def _victim_fifo(C, t, need_at, cur, skip, nskip, E64t, E32t, Mt, Qt, QHt, QFSt,
 
 # -------------------------------------------------------------------- acquiring
 @njit
-def _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, S, Q, QH, QFS, QL, QP, HP, HN, GE, ST,
-             hshift, hmask, ev, nev, can, ncan, new, nnew):
-    """Choose the rows trainer t fetches at the start of k, and the victims they displace.
-
-    A cancelled fetch is only recorded here (with its episode); the caller
-    drops the founder from the episode, which other trainers share.
-    """
+def _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, S, Q, QH, QL, HP, HN, GE, ST,
+             hshift, hmask, ev, nev, new, nnew):
+    """Give trainer t's rows read at k and not resident a slot, and choose the victims they displace."""
     R, U, I, pol = C[C_R], C[C_U], C[C_ITERS], C[C_POLICY]
-    E64t, E32t, Ht, Mt, Qt, QHt, QFSt = E64[t], E32[t], Hh[t], M[t], Q[t], QH[t], QFS[t]
-    jmax = min(k + C[C_LEAD], I - 1)
-    vtop = min(k + C[C_MAXHL], I - 1)
+    E64t, E32t, Ht, Mt, Qt, QHt = E64[t], E32[t], Hh[t], M[t], Q[t], QH[t]
+    vtop = min(k + C[C_HORIZON], I - 1)
     cur = np.full(NCLASS, -2, np.int64)
     skip = np.empty((HN[t] if pol == P_LFU else 0, 5), np.int64)
     Mt[M_LA_LIST] = -1
     nskip = 0
     err = ERR_OK
-    stop = False
-    for j in range(k, jmax + 1):
-        sl = j % R
-        base = sl * U
-        nj = Wn[t, sl]
-        for s in range(nj):
-            if s + PF < nj:
-                _prefetch(E64t, Wu[t, base + s + PF])
-            e = np.int64(Wu[t, base + s])
-            if E32t[e, Y_SLOT] >= 0:
-                continue
-            slot = _take_slot(C, t, S, Mt)
-            if slot < 0:
-                v = -1
-                if pol == P_BAGPIPE:
-                    v, vtop, status = _victim_bagpipe(C, t, j, vtop, E64t, E32t, Mt, Qt, QHt, QFSt, QL, QP, HP, HN,
-                                                      Ht, hshift, GE)
-                    if status == 2:
-                        _lsort(E64t, E32t, Qt, QHt, QFSt, Mt, NCLASS + vtop % R)
-                        Mt[M_LA_LIST] = -1
-                        v, vtop, status = _victim_bagpipe(C, t, j, vtop, E64t, E32t, Mt, Qt, QHt, QFSt, QL, QP, HP,
-                                                          HN, Ht, hshift, GE)
-                    if status != 0:
-                        err = ERR_INTERNAL
-                        stop = True
-                        break
-                elif pol == P_LRU or pol == P_LRU_PREFETCH or pol == P_LFU:
-                    v, nskip = _victim_fifo(C, t, j, cur, skip, nskip, E64t, E32t, Mt, Qt, QHt, QFSt, HP, HN)
-                if v < 0:
-                    if j == k:
-                        err = ERR_NO_ROOM
-                    else:
-                        ST[t, S_DEFERRED] += 1  # fetch it (and everything later) at a later step
-                    stop = True
-                    break
-                key = E64t[v, X_KEY]
-                g = np.int64(E32t[v, Y_GIDX])
-                if E64[t, v, X_FID] >= 0:
-                    # A fetch cancelled: the caller drops the founder from its episode (shared state).
-                    can[ncan, 0] = t
-                    can[ncan, 1] = E64[t, v, X_FID]
-                    can[ncan, 2] = g
-                    ncan += 1
-                    E64[t, v, X_FID] = -1
-                    _release(C, t, v, E64t, E32t, EFS, Ht, Mt, S, QL, QP, GE, hshift, hmask)
-                else:
-                    vslot = _release(C, t, v, E64t, E32t, EFS, Ht, Mt, S, QL, QP, GE, hshift, hmask)
-                    ev[nev, 0] = t
-                    ev[nev, 1] = key
-                    ev[nev, 2] = vslot
-                    ev[nev, 3] = g
-                    nev += 1
-                slot = _take_slot(C, t, S, Mt)
-            E32t[e, Y_SLOT] = slot
-            Mt[M_RES] += 1
-            Mt[M_ACQ] += 1
-            E64[t, e, X_ACQ] = Mt[M_ACQ]
+    sl = k % R
+    base = sl * U
+    nk = Wn[t, sl]
+    for s in range(nk):
+        if s + PF < nk:
+            _prefetch(E64t, Wu[t, base + s + PF])
+        e = np.int64(Wu[t, base + s])
+        if E32t[e, Y_SLOT] >= 0:
+            continue
+        slot = _take_slot(C, t, S, Mt)
+        if slot < 0:
+            v = -1
             if pol == P_BAGPIPE:
-                # A row fetched for j has its next use at j: it was not resident at any j' < j of this
-                # pass (or the pass would have fetched it there), and rows fetched there are not victims.
-                QP[t, sl] += 1
-            new[nnew, 0] = e
-            new[nnew, 1] = slot
-            nnew += 1
-        if stop:
-            break
+                v, vtop, status = _victim_bagpipe(C, t, k, vtop, E64t, E32t, Mt, Qt, QHt, QL, HP, HN,
+                                                  Ht, hshift)
+                if status == 2:
+                    _lsort(E64t, E32t, Qt, QHt, NCLASS + vtop % R)
+                    Mt[M_LA_LIST] = -1
+                    v, vtop, status = _victim_bagpipe(C, t, k, vtop, E64t, E32t, Mt, Qt, QHt, QL, HP,
+                                                      HN, Ht, hshift)
+                if status != 0:
+                    err = ERR_INTERNAL
+                    break
+            elif pol == P_LRU or pol == P_LRU_PREFETCH or pol == P_LFU:
+                v, nskip = _victim_fifo(C, t, k, cur, skip, nskip, E64t, E32t, Mt, Qt, QHt, HP, HN)
+            if v < 0:
+                err = ERR_NO_ROOM
+                break
+            key = E64t[v, X_KEY]
+            g = np.int64(E32t[v, Y_GIDX])
+            vslot = _release(C, t, v, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask)
+            ev[nev, 0] = t
+            ev[nev, 1] = key
+            ev[nev, 2] = vslot
+            ev[nev, 3] = g
+            nev += 1
+            slot = _take_slot(C, t, S, Mt)
+        E32t[e, Y_SLOT] = slot
+        Mt[M_RES] += 1
+        Mt[M_ACQ] += 1
+        E64[t, e, X_ACQ] = Mt[M_ACQ]
+        new[nnew, 0] = e
+        new[nnew, 1] = slot
+        new[nnew, 2] = E64t[e, X_KEY]  # plan k reads it from here, not from the entry's cache line
+        nnew += 1
     for x in range(nskip):
         _hpush(HP[t], HN, t, skip[x, 0], skip[x, 1], skip[x, 2], skip[x, 3], skip[x, 4])
     ST[t, S_PEAK] = max(ST[t, S_PEAK], Mt[M_RES])
-    return err, nev, ncan, nnew
+    return err, nev, nnew
 
 
 # -------------------------------------------------------------------- finishing
 @njit
-def _finish(C, after, ev, nev, can, ncan, GE, GM, GFS, Gh, LW, WQ, ST):
+def _finish(C, after, ev, nev, GE, GM, GFS, Gh, LW, WQ, ST):
     """Apply the evictions after iteration ``after``; the last holder of a row writes it back.
 
-    Returns the per-trainer eviction and cancel arrays of that iteration's plans.
+    Returns the per-trainer eviction arrays of that iteration's plans.
     """
     N, nw = C[C_N], C[C_NW]
     ended = np.empty(nev, np.int64)
+    ekeys = np.empty(nev, np.int64)
     nend = 0
     for r in range(nev):
         if r + PF < nev:
             _prefetch(GE, ev[r + PF, 3])
         t, g = ev[r, 0], ev[r, 3]
         _bit_clear(GE, g, G_MASKS, t)
-        if _bits_empty(GE, g, G_MASKS, 2 * nw):
-            if GE[g, G_END] != after:
-                GE[g, G_END] = after
-                GE[g, G_WRITER] = t
+        if _bits_empty(GE, g, G_MASKS, nw):  # no founder is pending at an eviction (on demand)
+            ew = GE[g, G_END_WRITER]
+            if (ew >> 32) != after:
+                GE[g, G_END_WRITER] = (after << 32) | t
                 ended[nend] = g
+                ekeys[nend] = GE[g, G_KEY]
                 nend += 1
-            elif t < GE[g, G_WRITER]:
-                GE[g, G_WRITER] = t
+            elif t < (ew & _LOW32):
+                GE[g, G_END_WRITER] = (after << 32) | t
     ev_key = np.empty(nev, np.int64)
     ev_slot = np.empty(nev, np.int32)
     ev_write = np.empty(nev, np.uint8)
     ev_off = np.zeros(N + 1, np.int64)
     for r in range(nev):
+        if r + PF < nev:
+            _prefetch(GE, ev[r + PF, 3])
         t, g = ev[r, 0], ev[r, 3]
         ev_key[r] = ev[r, 1]
         ev_slot[r] = ev[r, 2]
-        w = GE[g, G_END] == after and GE[g, G_WRITER] == t
+        w = GE[g, G_END_WRITER] == (after << 32) | t
         ev_write[r] = 1 if w else 0
         if w:
             ST[t, S_WRITTEN] += 1
@@ -1138,9 +1097,6 @@ def _finish(C, after, ev, nev, can, ncan, GE, GM, GFS, Gh, LW, WQ, ST):
     tail = GM[GM_WQ_TAIL]
     gcap = Gh.shape[0]
     gshift = _shift_for(gcap)
-    ekeys = np.empty(nend, np.int64)
-    for x in range(nend):
-        ekeys[x] = GE[ended[x], G_KEY]
     for x in range(nend):
         if x + PF < nend:
             _prefetch(LW, _home(ekeys[x + PF], lshift))
@@ -1155,16 +1111,9 @@ def _finish(C, after, ev, nev, can, ncan, GE, GM, GFS, Gh, LW, WQ, ST):
         WQ[tail, 0] = after
         WQ[tail, 1] = key
         tail += 1
-        _gdelete(GE, GM, GFS, Gh, g)
+        _gdelete(GM, GFS, Gh, g, key)
     GM[GM_WQ_TAIL] = tail
-    can_id = np.empty(ncan, np.int64)
-    can_off = np.zeros(N + 1, np.int64)
-    for r in range(ncan):
-        can_id[r] = can[r, 1]
-        can_off[can[r, 0] + 1] += 1
-    for t in range(N):
-        can_off[t + 1] += can_off[t]
-    return ev_key, ev_slot, ev_write, ev_off, can_id, can_off
+    return ev_key, ev_slot, ev_write, ev_off
 
 
 @njit(cache=True)
@@ -1194,13 +1143,7 @@ def _plan_new(C, k, new, new_off, E64, E32, M, GE, GM, GFS, Gh, LW, ST, jrec):
     lcap = LW.shape[0]
     lshift, lmask = _shift_for(lcap), lcap - 1
     nnew = new_off[N]
-    keys = np.empty(nnew, np.int64)
-    for t in range(N):
-        E64t = E64[t]
-        for x in range(new_off[t], new_off[t + 1]):
-            if x + PF < new_off[t + 1]:
-                _prefetch(E64t, new[x + PF, 0])
-            keys[x] = E64t[new[x, 0], X_KEY]
+    keys = new[:, 2]
     f_key = np.empty(nnew, np.int64)
     f_off = np.zeros(N + 1, np.int64)
     first_fid = np.empty(N, np.int64)
@@ -1213,6 +1156,8 @@ def _plan_new(C, k, new, new_off, E64, E32, M, GE, GM, GFS, Gh, LW, ST, jrec):
         for x in range(new_off[t], new_off[t + 1]):
             if x + PF < nnew:
                 _prefetch(Gh, _home(keys[x + PF], gshift))
+                if x + PF < new_off[t + 1]:
+                    _prefetch(E64t, new[x + PF, 0])  # the entry takes its episode index below
                 if x + PF // 2 < nnew:
                     q = _home(keys[x + PF // 2], gshift)
                     if Gh[q, 1] > 0:
@@ -1220,13 +1165,13 @@ def _plan_new(C, k, new, new_off, E64, E32, M, GE, GM, GFS, Gh, LW, ST, jrec):
             e, slot, key = new[x, 0], new[x, 1], keys[x]
             p = _hfind(Gh, key, gshift, gmask)
             g = Gh[p, 1] - 1
-            if g >= 0 and GE[g, G_LIVE] == 1:
+            if g >= 0 and _bits_empty(GE, g, G_MASKS + nw, nw):  # live
                 if GE[g, G_JOIN] != k:  # the sender holds the row since before this iteration
                     GE[g, G_JOIN] = k
                     snd = _bits_lowest(GE, g, G_MASKS, nw)
                     jrec[nj, 0] = key
                     jrec[nj, 1] = snd
-                    jrec[nj, 2] = E32[snd, GE[g, ho + snd], Y_SLOT]
+                    jrec[nj, 2] = GE[g, ho + snd] & _LOW32
                     jrec[nj, 3] = 1
                     nj += 1
                 jrec[nj, 0] = key
@@ -1235,7 +1180,7 @@ def _plan_new(C, k, new, new_off, E64, E32, M, GE, GM, GFS, Gh, LW, ST, jrec):
                 jrec[nj, 3] = 0
                 nj += 1
                 _bit_set(GE, g, G_MASKS, t)
-                GE[g, ho + t] = e
+                GE[g, ho + t] = slot
                 E32[t, e, Y_GIDX] = g
                 ST[t, S_JOINED] += 1
                 continue
@@ -1249,22 +1194,17 @@ def _plan_new(C, k, new, new_off, E64, E32, M, GE, GM, GFS, Gh, LW, ST, jrec):
                     GM[GM_HWM] = g + 1
                 GM[GM_COUNT] += 1
                 GE[g, G_KEY] = key
-                GE[g, G_LIVE] = 0
                 GE[g, G_SYNC] = -1
                 GE[g, G_JOIN] = -1
-                GE[g, G_END] = -2
-                GE[g, G_WRITER] = -1
+                GE[g, G_END_WRITER] = np.int64(-2) << 32
                 for w in range(G_MASKS, ho):
                     GE[g, w] = 0
-                for u in range(N):
-                    GE[g, ho + u] = -1
                 Gh[p, 0] = key
                 Gh[p, 1] = g + 1
             fid = Mt[M_NEXTFID]
             Mt[M_NEXTFID] = fid + 1
-            E64[t, e, X_FID] = fid
             _bit_set(GE, g, G_MASKS + nw, t)
-            GE[g, ho + t] = e
+            GE[g, ho + t] = ((fid - first_fid[t]) << 32) | slot
             E32[t, e, Y_GIDX] = g
             f_key[nf] = key
             nf += 1
@@ -1280,7 +1220,7 @@ def _plan_new(C, k, new, new_off, E64, E32, M, GE, GM, GFS, Gh, LW, ST, jrec):
 
 
 @njit
-def _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, inst):
+def _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, first_fid, inst):
     """Plan k, part 2: rows read at k; an episode not yet live goes live now and all its founders install."""
     N, U, R, LB, T, nw, gw = C[C_N], C[C_U], C[C_R], C[C_LB], C[C_T], C[C_NW], C[C_GW]
     ho = gw - N
@@ -1310,21 +1250,19 @@ def _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, inst):
             if s + PF < nd:
                 _prefetch(GE, gs[s + PF])
             g = gs[s]
-            if GE[g, G_LIVE] == 0:
+            if not _bits_empty(GE, g, G_MASKS + nw, nw):  # founders pending: not live yet
                 for w in range(nw):
                     bits = GE[g, G_MASKS + nw + w]
                     while bits != 0:
                         h = w * 64 + _ctz(bits)
                         bits &= bits - 1
-                        eh = GE[g, ho + h]
+                        held = GE[g, ho + h]
                         inst[ni, 0] = h
-                        inst[ni, 1] = E64[h, eh, X_FID]
-                        inst[ni, 2] = E32[h, eh, Y_SLOT]
+                        inst[ni, 1] = first_fid[h] + (held >> 32)
+                        inst[ni, 2] = held & _LOW32
                         ni += 1
-                        E64[h, eh, X_FID] = -1
                     GE[g, G_MASKS + w] |= GE[g, G_MASKS + nw + w]
                     GE[g, G_MASKS + nw + w] = 0
-                GE[g, G_LIVE] = 1
             if GE[g, G_SYNC] != k:
                 GE[g, G_SYNC] = k
                 if _bits_many(GE, g, G_MASKS, nw):
@@ -1346,7 +1284,7 @@ def _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, inst):
 
 
 @njit
-def _plan_sync(C, E32, GE, scand, skeys, ST):
+def _plan_sync(C, GE, scand, skeys, ST):
     """Plan k, part 3: syncs of the rows used now and held by two or more trainers, numbered by key."""
     N, nw, gw = C[C_N], C[C_NW], C[C_GW]
     ho = gw - N
@@ -1369,7 +1307,7 @@ def _plan_sync(C, E32, GE, scand, skeys, ST):
                 bits &= bits - 1
                 srec[r, 0] = u
                 srec[r, 1] = pos
-                srec[r, 2] = E32[u, GE[g, ho + u], Y_SLOT]
+                srec[r, 2] = GE[g, ho + u] & _LOW32
                 r += 1
                 ST[u, S_SYNCED] += 1
     so, sy_off = _group(srec[:, 0], nsr, N)
@@ -1418,8 +1356,8 @@ def _plan(C, k, new, new_off, E64, E32, M, Wu, Wn, Wi, GE, GM, GFS, Gh, LW, ST, 
     """Plan k: fetches and joins of the new rows, installs, reads and syncs."""
     f_key, f_ver, f_off, first_fid, jrec = _plan_new(C, k, new, new_off, E64, E32, M, GE, GM, GFS, Gh, LW, ST,
                                                      WJR)
-    read, in_id, in_slot, in_off, scand, skeys = _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, WIN)
-    sy_pos, sy_slot, sy_off, ns = _plan_sync(C, E32, GE, scand, skeys, ST)
+    read, in_id, in_slot, in_off, scand, skeys = _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, first_fid, WIN)
+    sy_pos, sy_slot, sy_off, ns = _plan_sync(C, GE, scand, skeys, ST)
     jo_pos, jo_slot, jo_send, jo_off, n_join = _plan_join(C, jrec)
     N = C[C_N]
     slots_needed = np.empty(N, np.int64)
@@ -1431,47 +1369,44 @@ def _plan(C, k, new, new_off, E64, E32, M, Wu, Wn, Wi, GE, GM, GFS, Gh, LW, ST, 
 
 # ------------------------------------------------------------------ one step
 @njit(nogil=True, cache=True)
-def advance(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QFS, QL, QP, HP, HN, GE, ST,
-            WEV, WCAN, WNEW, counts):
-    """Trainer t's part of step k: retire k-1, then choose what to fetch for k..k+lead and what to evict.
+def advance(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE, ST, WEV, WNEW, counts):
+    """Trainer t's part of step k: retire k-1, then choose the rows to fetch for k and what they displace.
 
     It touches only trainer t's state (and t's own column of shared episode
     records), so trainers run it at the same time, each in its own thread.
-    Writes t's evictions, cancelled fetches and new rows to ``WEV[t]``,
-    ``WCAN[t]``, ``WNEW[t]`` and their counts and error code to ``counts[t]``.
+    Writes t's evictions and new rows to ``WEV[t]`` and ``WNEW[t]``, and
+    their counts and error code to ``counts[t]``.
     """
     hcap = Hh.shape[1]
     hshift, hmask = _shift_for(hcap), hcap - 1
     nev = 0
     if k > 0:
-        nev = _retire(C, t, k - 1, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QFS, QL, QP, HP, HN, GE,
+        nev = _retire(C, t, k - 1, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE,
                       hshift, hmask, WEV[t], 0)
-    err, nev, ncan, nnew = _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, S, Q, QH, QFS, QL, QP, HP, HN,
-                                    GE, ST, hshift, hmask, WEV[t], nev, WCAN[t], 0, WNEW[t], 0)
+    err, nev, nnew = _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, S, Q, QH, QL, HP, HN,
+                              GE, ST, hshift, hmask, WEV[t], nev, WNEW[t], 0)
     counts[t, 0] = nev
-    counts[t, 1] = ncan
-    counts[t, 2] = nnew
-    counts[t, 3] = err
+    counts[t, 1] = nnew
+    counts[t, 2] = err
 
 
 @njit(cache=True)
-def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WCAN, WNEW, counts, WEVF, WCANF, WNEWF, new_off):
+def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WNEW, counts, WEVF, WNEWF, new_off):
     """After every trainer's ``advance(k)``: apply the evictions after iteration k-1.
 
     Merges the trainers' records in trainer order (the reference's order)
-    into ``WEVF``, ``WCANF`` and ``WNEWF`` (new rows, offsets per trainer in
-    ``new_off``), drops the founders of cancelled fetches from their
-    episodes, and settles who writes back. Returns (error, trainer in error,
-    k-1's evictions and cancels).
+    into ``WEVF`` and ``WNEWF`` (new rows, offsets per trainer in
+    ``new_off``), and settles who writes back. Returns (error, trainer in
+    error, k-1's evictions).
     """
     N = C[C_N]
     err, err_t = ERR_OK, -1
     for t in range(N):
-        if counts[t, 3] != ERR_OK:
-            err, err_t = counts[t, 3], t
+        if counts[t, 2] != ERR_OK:
+            err, err_t = counts[t, 2], t
             break
-    ev, can, new = WEVF, WCANF, WNEWF
-    nev = ncan = nnew = 0
+    ev, new = WEVF, WNEWF
+    nev = nnew = 0
     new_off[0] = 0
     for t in range(N):
         for x in range(counts[t, 0]):
@@ -1480,20 +1415,15 @@ def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WCAN, WNEW, counts, WEVF
             nev += 1
         for x in range(counts[t, 1]):
             for c in range(3):
-                can[ncan, c] = WCAN[t, x, c]
-            ncan += 1
-            _drop_founder(C, t, WCAN[t, x, 2], GE, GM, GFS, Gh)
-        for x in range(counts[t, 2]):
-            new[nnew, 0] = WNEW[t, x, 0]
-            new[nnew, 1] = WNEW[t, x, 1]
+                new[nnew, c] = WNEW[t, x, c]
             nnew += 1
         new_off[t + 1] = nnew
     if k == 0 or err != ERR_OK:
         # Nothing is resident before iteration 0, so planning it evicts nothing.
-        nev = ncan = 0
+        nev = 0
     if err != ERR_OK:
         new_off[:] = 0
-    return (err, err_t) + _finish(C, k - 1, ev, nev, can, ncan, GE, GM, GFS, Gh, LW, WQ, ST)
+    return (err, err_t) + _finish(C, k - 1, ev, nev, GE, GM, GFS, Gh, LW, WQ, ST)
 
 
 @njit(cache=True)
@@ -1507,7 +1437,7 @@ def plan_iteration(C, k, E64, E32, M, Wu, Wn, Wi, Gh, GE, GM, GFS, LW, ST, WNEWF
 
 
 @njit(cache=True)
-def flush(C, after, E64, E32, EFS, Hh, M, S, QL, QP, Gh, GE, GM, GFS, LW, WQ, ST):
+def flush(C, after, E64, E32, EFS, Hh, M, S, QL, Gh, GE, GM, GFS, LW, WQ, ST):
     """After the last iteration every cached row is evicted (in the order it was acquired), and written back once.
 
     Nothing is planned afterwards, so rows only leave their slots: their
@@ -1518,8 +1448,7 @@ def flush(C, after, E64, E32, EFS, Hh, M, S, QL, QP, Gh, GE, GM, GFS, LW, WQ, ST
     for t in range(N):
         total += M[t, M_RES]
     ev = np.empty((total, 4), np.int64)
-    can = np.empty((total, 3), np.int64)
-    nev = ncan = 0
+    nev = 0
     for t in range(N):
         E64t, E32t, Ht, Mt = E64[t], E32[t], Hh[t], M[t]
         res = np.empty(Mt[M_RES], np.int64)
@@ -1541,19 +1470,12 @@ def flush(C, after, E64, E32, EFS, Hh, M, S, QL, QP, Gh, GE, GM, GFS, LW, WQ, ST
             E32t[e, Y_SLOT] = -1
             E32t[e, Y_GIDX] = -1
             Mt[M_RES] -= 1
-            if E64[t, e, X_FID] >= 0:
-                can[ncan, 0] = t
-                can[ncan, 1] = E64[t, e, X_FID]
-                ncan += 1
-                E64[t, e, X_FID] = -1
-                _drop_founder(C, t, g, GE, GM, GFS, Gh)
-            else:
-                ev[nev, 0] = t
-                ev[nev, 1] = key
-                ev[nev, 2] = slot
-                ev[nev, 3] = g
-                nev += 1
-    return _finish(C, after, ev, nev, can, ncan, GE, GM, GFS, Gh, LW, WQ, ST)
+            ev[nev, 0] = t
+            ev[nev, 1] = key
+            ev[nev, 2] = slot
+            ev[nev, 3] = g
+            nev += 1
+    return _finish(C, after, ev, nev, GE, GM, GFS, Gh, LW, WQ, ST)
 
 
 # ------------------------------------------------------------ batch helpers

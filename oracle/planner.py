@@ -35,8 +35,8 @@ from oracle.reference import (INF, PLANNED_POLICIES, BatchSource, PlanError, Pla
 __all__ = ["INF", "PLANNED_POLICIES", "BatchSource", "PlanError", "Planner", "PlannerConfig", "PlanStats",
            "batch_keys", "pinned_rows"]
 
-# The kernels' counters (their fetches_deferred column stays 0 on demand: oracle.staging counts those).
-_STAT_FIELDS = ("rows_fetched", "rows_joined", "rows_written_back", "rows_synced", None, "peak_resident_rows")
+# The kernels' counters (fetches_deferred and peak_staged_rows are oracle.staging's).
+_STAT_FIELDS = ("rows_fetched", "rows_joined", "rows_written_back", "rows_synced", "peak_resident_rows")
 
 
 def _pow2(n: int) -> int:
@@ -84,6 +84,17 @@ def _entries(n: int, cap: int, old: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def _records(count: int, width: int, old: np.ndarray | None = None) -> np.ndarray:
+    """Zeroed records [count, width] int64 starting on a cache line (copying ``old``): with
+    8 fields, each record is one cache line."""
+    flat = np.zeros(count * width + 8, np.int64)
+    skip = (-flat.ctypes.data % 64) // 8
+    out = flat[skip:skip + count * width].reshape(count, width)
+    if old is not None:
+        out[:old.shape[0]] = old
+    return out
+
+
 class _State:
     """The planner's arrays; ``oracle.fastplan`` says what each holds."""
 
@@ -91,17 +102,16 @@ class _State:
         n = cfg.trainers
         lb = cfg.batch_size // n
         u = lb * tables
-        # Residency is planned on demand (lead 0 in the kernels); oracle.staging moves the fetches ahead.
-        maxhl = cfg.horizon
-        r = maxhl + 2
+        # Residency is planned on demand; oracle.staging moves the fetches ahead afterwards.
+        r = cfg.horizon + 2  # the window: iterations k-1 .. k + horizon
         if r * max(u, 1) >= fp.INF32 or iterations + cfg.horizon >= fp.INF32:
             raise PlanError(f"a window of {r} iterations of {u} rows, or {iterations} iterations, is too large")
         nw = (n + 63) // 64
         gw = fp.G_MASKS + 2 * nw + n
         policy = fp.POLICY_CODES[cfg.policy]
         bounded = cfg.policy not in ("bagpipe-original", "none")
-        self.C = np.array([policy, cfg.cache_rows, 0, cfg.horizon, n, u, r, iterations,
-                           int(bounded), tables, lb, maxhl, nw, gw], np.int64)
+        self.C = np.array([policy, cfg.cache_rows, cfg.horizon, n, u, r, iterations,
+                           int(bounded), tables, lb, nw, gw], np.int64)
         assert len(self.C) == fp.C_LEN
         self.n, self.u, self.r = n, u, r
         # Room for about four iterations' rows from the start (the window holds up to r, sharing hot rows).
@@ -117,14 +127,12 @@ class _State:
         self.S = np.zeros((n, 1024), np.int64)
         nlists = fp.NCLASS + (r if cfg.policy == "bagpipe" else 0)
         self.Q = np.zeros((n, 1024, 3), np.int64)
-        self.QFS = np.zeros((n, 1024), np.int32)
         self.QH = np.full((n, nlists, 3), -1, np.int64)
         self.QL = np.zeros((n, r + 1), np.int64)
-        self.QP = np.zeros((n, r), np.int64)
         self.HP = np.zeros((n, 64, 5), np.int64)
         self.HN = np.zeros(n, np.int64)
         self.Gh = _index(1024)
-        self.GE = np.zeros((512, gw), np.int64)
+        self.GE = _records(512, gw)
         self.GFS = np.zeros(512, np.int64)
         self.GM = np.zeros(fp.GM_LEN, np.int64)
         self.LW = _index(1024)
@@ -138,16 +146,14 @@ class _State:
             self.PK[t, :len(p)] = p
             self.PN[t] = len(p)
         self.distinct = np.zeros(n, np.int64)
-        self.counts = np.zeros((n, 4), np.int64)
+        self.counts = np.zeros((n, 3), np.int64)  # per trainer: evictions, new rows, error
         self.new_off = np.zeros(n + 1, np.int64)
         # Scratch, reused by every kernel call (fresh buffers would cost page faults at every step).
-        self.WL = np.zeros((n, 6, u), np.int64)
+        self.WL = np.zeros((n, 5, u), np.int64)
         self.WEV = np.zeros((n, 0, 4), np.int64)
-        self.WCAN = np.zeros((n, 0, 3), np.int64)
-        self.WNEW = np.zeros((n, 0, 2), np.int64)
+        self.WNEW = np.zeros((n, 0, 3), np.int64)  # new rows: entry, slot, key
         self.WEVF = np.zeros((0, 4), np.int64)
-        self.WCANF = np.zeros((0, 3), np.int64)
-        self.WNEWF = np.zeros((0, 2), np.int64)
+        self.WNEWF = np.zeros((0, 3), np.int64)
         self.WJR = np.zeros((0, 4), np.int64)
         self.WIN = np.zeros((0, 3), np.int64)
 
@@ -176,24 +182,19 @@ class _State:
     def before_step(self, k: int) -> None:
         """Room for step k: scratch for its records, slots, queue nodes, heap entries, episodes, versions."""
         c, r = self.C, self.r
-        jmax = min(k + int(c[fp.C_LEAD]), int(c[fp.C_ITERS]) - 1)
-        acq = np.zeros(self.n, np.int64)
-        for j in range(k, jmax + 1):
-            acq += self.Wn[:, j % r]
+        acq = self.Wn[:, k % r]  # at most every row read at k is new
         drops = self.Wn[:, (k - 1) % r] if k > 0 else np.zeros(self.n, np.int64)
         fetched, dropped = int(acq.sum()), int(drops.sum())
         reads = int(self.Wn[:, k % r].sum())
         each = int((acq + drops).max())
         if self.WEV.shape[1] < each:
             self.WEV = np.zeros((self.n, _pow2(each), 4), np.int64)
-        if self.WCAN.shape[1] < int(acq.max()):
-            self.WCAN = np.zeros((self.n, _pow2(int(acq.max())), 3), np.int64)
-            self.WNEW = np.zeros((self.n, _pow2(int(acq.max())), 2), np.int64)
+        if self.WNEW.shape[1] < int(acq.max()):
+            self.WNEW = np.zeros((self.n, _pow2(int(acq.max())), 3), np.int64)
         if self.WEVF.shape[0] < fetched + dropped:
             self.WEVF = np.zeros((_pow2(fetched + dropped), 4), np.int64)
-        if self.WCANF.shape[0] < fetched:
-            self.WCANF = np.zeros((_pow2(fetched), 3), np.int64)
-            self.WNEWF = np.zeros((_pow2(fetched), 2), np.int64)
+        if self.WNEWF.shape[0] < fetched:
+            self.WNEWF = np.zeros((_pow2(fetched), 3), np.int64)
             self.WJR = np.zeros((_pow2(2 * fetched), 4), np.int64)
         if self.WIN.shape[0] < self.n * reads:
             self.WIN = np.zeros((_pow2(self.n * reads), 3), np.int64)
@@ -210,15 +211,13 @@ class _State:
         self._global(0, int(self.M[:, fp.M_RES].sum()))
 
     def _nodes(self, need: int) -> None:
-        free = self.Q.shape[1] - int(self.M[:, fp.M_NLIVE].max())
-        if free >= need:
+        """Room for ``need`` new queue nodes per trainer past the last one handed out."""
+        if self.Q.shape[1] - int(self.M[:, fp.M_NHWM].max()) >= need:
             return
-        fp.compact_nodes(self.E64, self.Q, self.QH, self.QFS, self.M)
-        live = int(self.M[:, fp.M_NLIVE].max())
+        fp.compact_nodes(self.E64, self.Q, self.QH, self.M)
+        live = int(self.M[:, fp.M_NHWM].max())  # after compaction, the live nodes
         if self.Q.shape[1] - live < 2 * need or live > self.Q.shape[1] // 2:
-            cap = _pow2(2 * (live + 2 * need))
-            self.Q = _grown(self.Q, 1, cap)
-            self.QFS = _grown(self.QFS, 1, cap)
+            self.Q = _grown(self.Q, 1, _pow2(2 * (live + 2 * need)))
 
     def _heap(self, need: int) -> None:
         if int(self.HN.max()) + need <= self.HP.shape[1]:
@@ -233,7 +232,7 @@ class _State:
         count = int(gm[fp.GM_COUNT])
         if count + episodes > self.GE.shape[0]:
             cap = _pow2(2 * (count + episodes))
-            self.GE = _grown(self.GE, 0, cap)
+            self.GE = _records(cap, self.GE.shape[1], self.GE)
             self.GFS = _grown(self.GFS, 0, cap)
         cap = _index_size(count, episodes, self.Gh.shape[0])
         if cap != self.Gh.shape[0]:
@@ -318,7 +317,7 @@ class Planner:
             raise PlanError(f"batch {i} has {rows.shape[1]} tables, batch 0 has {int(s.C[fp.C_T])}")
         s.before_load()
         return self._each_trainer(lambda t: fp.load(
-            s.C, i, t, rows, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wi, s.Wx, s.Q, s.QH, s.QFS, s.QL, s.PK,
+            s.C, i, t, rows, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wi, s.Wx, s.Q, s.QH, s.QL, s.PK,
             s.PN, s.distinct, s.WL), wait=False)
 
     def _end_load(self, jobs: list[Future]) -> None:
@@ -404,8 +403,8 @@ class Planner:
             s = self._state
             s.before_step(k)
             self._each_trainer(lambda t: fp.advance(
-                s.C, t, k, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wx, s.S, s.Q, s.QH, s.QFS,
-                s.QL, s.QP, s.HP, s.HN, s.GE, s.ST, s.WEV, s.WCAN, s.WNEW, s.counts))
+                s.C, t, k, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wx, s.S, s.Q, s.QH,
+                s.QL, s.HP, s.HN, s.GE, s.ST, s.WEV, s.WNEW, s.counts))
             # The next step's batch loads while this step plans: loading touches only the trainers'
             # windows (fields of the rows that planning does not write), planning only the rest.
             jobs: list[Future] = []
@@ -415,8 +414,8 @@ class Planner:
                     jobs = self._loading = self._start_load()
                 except PlanError as exc:
                     failed, loading = exc, False
-            out = fp.finish_step(s.C, k, s.GE, s.GM, s.GFS, s.Gh, s.LW, s.WQ, s.ST, s.WEV, s.WCAN, s.WNEW,
-                                 s.counts, s.WEVF, s.WCANF, s.WNEWF, s.new_off)
+            out = fp.finish_step(s.C, k, s.GE, s.GM, s.GFS, s.Gh, s.LW, s.WQ, s.ST, s.WEV, s.WNEW, s.counts,
+                                 s.WEVF, s.WNEWF, s.new_off)
             err, err_t = out[0], out[1]
             if err != fp.ERR_OK:
                 for job in jobs:
@@ -443,7 +442,7 @@ class Planner:
         if prev is not None:
             s = self._state
             s.before_flush()
-            out = fp.flush(s.C, self.iterations - 1, s.E64, s.E32, s.EFS, s.Hh, s.M, s.S, s.QL, s.QP, s.Gh,
+            out = fp.flush(s.C, self.iterations - 1, s.E64, s.E32, s.EFS, s.Hh, s.M, s.S, s.QL, s.Gh,
                            s.GE, s.GM, s.GFS, s.LW, s.WQ, s.ST)
             self._sync_stats()
             self._attach_evictions(prev, out)
@@ -475,13 +474,13 @@ class Planner:
         return plans
 
     def _attach_evictions(self, plans: list[Plan], out: tuple) -> None:
-        ev_key, ev_slot, ev_write, ev_off, can_id, can_off = out
+        ev_key, ev_slot, ev_write, ev_off = out
         for t, p in enumerate(plans):
             a, b = ev_off[t], ev_off[t + 1]
             p.evict_slots = ev_slot[a:b]
             p.evict_keys = ev_key[a:b]
             p.evict_write = ev_write[a:b]
-            p.cancel_ids = can_id[can_off[t]:can_off[t + 1]]
+            # On demand, no fetch is ever cancelled; the wire format keeps the field (cancel_ids stays empty).
 
 
 _EMPTY_I32 = np.zeros(0, np.int32)
