@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: plans staged ahead (no cancel_ids), epoch checked
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAY_BYTES = 1 << 31
 
@@ -38,10 +38,12 @@ class Plan:
     """What one trainer does at one iteration, in cache slots.
 
     Order of use on the trainer at iteration ``iteration``:
-      1. issue ``fetch_*`` (store reads into staging; the row must carry at
-         least ``fetch_versions``: the write-back it depends on has landed);
+      1. issue ``fetch_*`` (store reads into staging, off the cache, for this
+         or a later iteration; the row must carry at least
+         ``fetch_versions``: the write-back it depends on has landed);
       2. install the staged rows of ``install_ids`` into their slots (the
-         fetch ids number this trainer's fetches from 0 in issue order);
+         fetch ids number this trainer's fetches from 0 in issue order;
+         each is installed exactly once, by the plan of its first read);
       3. look up ``read_slots`` [local batch, tables], forward, backward;
       4. all-reduce: the gradients of ``sync_slots`` at ``sync_pos`` of an
          ``n_sync``-row buffer, and the rows joined this iteration
@@ -49,8 +51,7 @@ class Plan:
          receives it into ``join_slots``) at ``join_pos`` of ``n_join`` rows;
       5. apply the optimizer to every row used here or synced;
       6. evict ``evict_slots`` after the step; rows with ``evict_write`` 1 are
-         written back with version ``iteration``; ``cancel_ids`` are fetches
-         whose rows are dropped on arrival (their slot was given away).
+         written back with version ``iteration``.
     """
 
     iteration: int
@@ -68,7 +69,6 @@ class Plan:
     evict_slots: np.ndarray  # int32 [e]
     evict_keys: np.ndarray  # int64 [e]
     evict_write: np.ndarray  # uint8 [e]
-    cancel_ids: np.ndarray  # int64 [c]
     n_sync: int = 0
     n_join: int = 0
     first_fetch_id: int = 0  # id of fetch_keys[0]
@@ -79,7 +79,7 @@ class Plan:
         ("install_ids", np.int64), ("install_slots", np.int32), ("sync_pos", np.int32),
         ("sync_slots", np.int32), ("join_pos", np.int32), ("join_slots", np.int32),
         ("join_send", np.uint8), ("evict_slots", np.int32), ("evict_keys", np.int64),
-        ("evict_write", np.uint8), ("cancel_ids", np.int64),
+        ("evict_write", np.uint8),
     )
     SCALARS = ("n_sync", "n_join", "first_fetch_id", "slots_needed")
 

@@ -41,8 +41,7 @@ executable specification); only the bookkeeping differs.
 
 Residency is planned on demand: a row read at k and not resident is
 fetched and installed in plan k (``oracle.staging`` moves the store fetches
-ahead afterwards), so no fetch is ever pending across steps, deferred or
-cancelled. One step is ``advance`` per trainer (retire k-1, fetch for k;
+ahead afterwards), so no fetch is ever pending across steps or deferred. One step is ``advance`` per trainer (retire k-1, fetch for k;
 each touches only its trainer's state, so trainers run in parallel), then
 ``finish_step`` (k-1's evictions and write-backs) and, once plan k-1 has
 been handed out, ``plan_iteration`` (plan k). ``load`` brings the next

@@ -468,7 +468,7 @@ class Planner:
                 iteration=k, rank=t, read_slots=read[t], fetch_keys=f_key[a:b], fetch_versions=f_ver[a:b],
                 install_ids=in_id[c:d], install_slots=in_slot[c:d], sync_pos=sy_pos[e:f], sync_slots=sy_slot[e:f],
                 join_pos=jo_pos[g:h], join_slots=jo_slot[g:h], join_send=jo_send[g:h],
-                evict_slots=_EMPTY_I32, evict_keys=_EMPTY_I64, evict_write=_EMPTY_U8, cancel_ids=_EMPTY_I64,
+                evict_slots=_EMPTY_I32, evict_keys=_EMPTY_I64, evict_write=_EMPTY_U8,
                 n_sync=int(n_sync), n_join=int(n_join), first_fetch_id=int(first_fid[t]),
                 slots_needed=int(slots_needed[t])))
         return plans
@@ -480,7 +480,6 @@ class Planner:
             p.evict_slots = ev_slot[a:b]
             p.evict_keys = ev_key[a:b]
             p.evict_write = ev_write[a:b]
-            # On demand, no fetch is ever cancelled; the wire format keeps the field (cancel_ids stays empty).
 
 
 _EMPTY_I32 = np.zeros(0, np.int32)

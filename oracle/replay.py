@@ -124,7 +124,7 @@ def replay(plans_by_iter, batches, trainers: int, batch_size: int, capacity: int
                 total[slot] = sync_buf[pos]
             for slot, g in total.items():
                 tr.value[slot] = (3 * tr.value[slot] + g) % _MOD
-        # 7. evictions and cancels.
+        # 7. evictions.
         for t, p in enumerate(plans):
             tr = ts[t]
             for slot, key, write in zip(p.evict_slots.tolist(), p.evict_keys.tolist(), p.evict_write.tolist()):
@@ -133,9 +133,6 @@ def replay(plans_by_iter, batches, trainers: int, batch_size: int, capacity: int
                 if write:
                     store[key] = (tr.value[slot], i)
                 del tr.slot_key[slot], tr.value[slot]
-            for fid in p.cancel_ids.tolist():
-                if tr.staged.pop(fid, None) is None:
-                    raise ReplayError(f"iteration {i} trainer {t}: cancel of unknown fetch {fid}")
     for t, tr in enumerate(ts):
         if tr.slot_key or tr.staged:
             raise ReplayError(f"trainer {t} still holds {len(tr.slot_key)} rows after the final flush")

@@ -55,7 +55,7 @@ def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: lis
     """
     trainers = len(stats)
     waiting: deque[_Received] = deque()  # received, not yet emitted, oldest first
-    written: deque[tuple[int, np.ndarray]] = deque()  # (iteration, sorted keys written back after it), recent
+    written: deque[tuple[int, np.ndarray]] = deque()  # (iteration, keys written back after it), recent
     next_id = [0] * trainers
     staged = [0] * trainers
 
@@ -63,17 +63,28 @@ def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: lis
         rec = _Received(j, plans_j)
         emitted_through = waiting[0].iteration - 1 if waiting else j - 1
         floor = max(j - lead, emitted_through + 1, 0)
+        # Recent write-backs that can hold a fetch back: key -> its last iteration, sorted by key.
+        recent = [(e, keys) for e, keys in written if e + 1 > floor and len(keys)]
+        if recent:
+            wkeys = np.concatenate([keys for _, keys in recent])
+            witer = np.concatenate([np.full(len(keys), e, np.int64) for e, keys in recent])
+            order = np.lexsort((witer, wkeys))
+            wkeys, witer = wkeys[order], witer[order]
+            latest = np.append(wkeys[1:] != wkeys[:-1], True)
+            wkeys, witer = wkeys[latest], witer[latest]
         for t, p in enumerate(plans_j):
             at = np.full(len(p.fetch_keys), floor, np.int64)
-            for e, keys in written:  # oldest first: a later write-back overrides
-                if e + 1 > floor and len(keys):
-                    at[np.isin(p.fetch_keys, keys, assume_unique=True)] = e + 1
+            if recent and len(at):
+                pos = np.minimum(np.searchsorted(wkeys, p.fetch_keys), len(wkeys) - 1)
+                hit = wkeys[pos] == p.fetch_keys
+                at[hit] = witer[pos[hit]] + 1
             stats[t].fetches_deferred += int(np.count_nonzero(at > max(j - lead, 0)))
             rec.issue_at.append(at)
             rec.issued_id.append(np.full(len(at), -1, np.int64))
             if len(p.install_ids) != len(at):
                 raise AssertionError(f"plan {j} trainer {t} installs other rows than it fetches (internal error)")
-        written.append((j, np.unique(np.concatenate([p.evict_keys[p.evict_write.astype(bool)] for p in plans_j]))))
+        # One writer per ended episode: the keys written back after j are distinct across trainers.
+        written.append((j, np.concatenate([p.evict_keys[p.evict_write.astype(bool)] for p in plans_j])))
         while written and written[0][0] < j + 1 - lead:  # cannot hold back any fetch still to come
             written.popleft()
         waiting.append(rec)

@@ -103,3 +103,37 @@ def test_planner_memory_follows_the_window_not_the_table():
             peak_bytes = max(peak_bytes, planner.state_nbytes())
         sizes.append((peak_rows, peak_bytes))
     assert sizes[0] == sizes[1]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), trainers=st.sampled_from([1, 2, 3]), lead=st.integers(1, 4),
+       slack=st.sampled_from([0, 4, 40]))
+def test_fetches_are_staged_lead_ahead_and_never_before_a_writeback(seed, trainers, lead, slack):
+    """Each fetch goes out as early as the lead allows, but never before its row's last write-back."""
+    batch = 5 * trainers
+    data = _trace(seed, 30, batch, 3, 40, 1.4)
+    capacity = _min_capacity(data, trainers, batch) + slack
+    planner = Planner(PlannerConfig("bagpipe", capacity, lead, lead + 3, trainers, batch, len(data)), data)
+    plans = list(planner.plans())
+    issued = [dict() for _ in range(trainers)]  # fetch id -> (iteration issued, key)
+    written: dict[int, list[int]] = {}  # key -> iterations after which it was written back
+    on_time = late = 0
+    for i, ps in plans:
+        for t, p in enumerate(ps):
+            for n, key in enumerate(p.fetch_keys.tolist()):
+                issued[t][p.first_fetch_id + n] = (i, key)
+            for fid in p.install_ids.tolist():
+                m, key = issued[t].pop(fid)
+                assert i - lead <= m <= i, (fid, m, i)
+                assert not any(m <= e < i for e in written.get(key, [])), (key, m, i, written[key])
+                if m == max(i - lead, 0):
+                    on_time += 1
+                else:  # held back: a write-back of the row came after the lead's start
+                    assert any(max(i - lead, 0) <= e + 1 == m for e in written.get(key, [])), (key, m, i)
+                    late += 1
+        for p in ps:
+            for key in p.evict_keys[p.evict_write.astype(bool)].tolist():
+                written.setdefault(key, []).append(i)
+    assert all(not left for left in issued)
+    assert late == sum(s.fetches_deferred for s in planner.stats)
+    assert on_time > late

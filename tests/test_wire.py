@@ -33,7 +33,7 @@ def test_round_trip():
     (lambda f: f.__setitem__(4, f[4][:-8]), "bytes"),
     (lambda f: f.__setitem__(1, b"{not json"), "JSON"),
     (lambda f: f.pop(), "frames"),
-    (lambda f: f.__setitem__(1, f[1].replace(b'"version":1', b'"version":9')), "protocol version"),
+    (lambda f: f.__setitem__(1, f[1].replace(b'"version":2', b'"version":9')), "protocol version"),
 ])
 def test_damaged_plans_are_refused(damage, message):
     frames = _frames(_plan())

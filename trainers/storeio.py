@@ -79,11 +79,6 @@ class StoreIO:
         """Everything issued so far belongs to iterations <= ``iteration``."""
         self._submit(("mark", iteration))
 
-    def cancel(self, ids: np.ndarray) -> None:
-        """Drop the rows of fetch ``ids`` (arrived or not)."""
-        with self._cv:
-            self._consume(np.asarray(ids, np.int64), None, None)
-
     def take(self, ids: np.ndarray) -> np.ndarray:
         """Block until the rows of fetch ``ids`` have arrived; returns them stacked."""
         ids = np.asarray(ids, np.int64)
@@ -92,22 +87,21 @@ class StoreIO:
             self._consume(ids, out, time.monotonic() + self.wait_timeout_s)
         return out
 
-    def _consume(self, ids: np.ndarray, out: np.ndarray | None, deadline: float | None) -> None:
-        """Hand the rows of ``ids`` to ``out`` (waiting for them until ``deadline``), or drop them."""
+    def _consume(self, ids: np.ndarray, out: np.ndarray, deadline: float) -> None:
+        """Hand the rows of ``ids`` to ``out``, waiting for them until ``deadline``."""
         found = 0
         for block in list(self._blocks):
             here = np.flatnonzero((ids >= block.start) & (ids < block.start + block.n))
             if not len(here):
                 continue
-            if out is not None:
-                while block.values is None:
-                    self._raise_if_failed()
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise StoreIOError(f"fetches {block.start}..{block.start + block.n - 1} did not arrive "
-                                           f"within {self.wait_timeout_s}s")
-                    self._cv.wait(min(left, 1.0))
-                out[here] = block.values[ids[here] - block.start]
+            while block.values is None:
+                self._raise_if_failed()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreIOError(f"fetches {block.start}..{block.start + block.n - 1} did not arrive "
+                                       f"within {self.wait_timeout_s}s")
+                self._cv.wait(min(left, 1.0))
+            out[here] = block.values[ids[here] - block.start]
             found += len(here)
             block.left -= len(here)
             if block.left == 0:

@@ -415,8 +415,6 @@ class Trainer:
             values = self.cache.read(slots).cpu().numpy()
             self.io.write_back(plan.evict_keys[write], values, i)
             self.meters.rows_written_back += int(write.sum())
-        if len(plan.cancel_ids):
-            self.io.cancel(plan.cancel_ids)
         self.meters.rows_fetched += len(plan.fetch_keys)
         self.io.mark_iteration(i)
 
