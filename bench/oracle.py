@@ -1,7 +1,7 @@
 """Planner speed and memory beside the trainers' consumption of ids.
 
     .venv/bin/python bench/oracle.py [--batch-size 4096] [--iterations 30] [--trainers 2]
-                                     [--planner fast|reference] [--ack-lag N]
+                                     [--planner fast|reference] [--ack-lag N] [--repeats 3]
 
 Prints ids planned per second by the ``bagpipe`` policy (the compiled
 planner, or ``--planner reference`` for the pure-Python specification it is
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--trainers", type=int, default=2)
     parser.add_argument("--tables", type=int, default=26)
     parser.add_argument("--planner", choices=["fast", "reference"], default="fast")
+    parser.add_argument("--repeats", type=int, default=3, help="planner runs; the median is compared")
     parser.add_argument("--ack-lag", type=int, default=-1, help="acknowledge write-backs this many iterations "
                         "behind the plan (-1: never)")
     args = parser.parse_args()
@@ -112,9 +113,12 @@ def main() -> None:
         print(f"planner kernels ready in {warm_up(args.tables):.1f} s (numba cache load, or first compile)")
     trace = zipf_trace(args.iterations, args.batch_size, args.tables, 1_000_000)
     cache = 60_000
-    planned, _ = plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag)
+    runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag)[0]
+            for _ in range(args.repeats)]
+    planned = float(np.median(runs))
     acks = "never acknowledged" if args.ack_lag < 0 else f"acknowledged {args.ack_lag} iterations behind"
-    print(f"planner ({args.planner}): {planned:,.0f} ids/s ({args.trainers} trainers, batch {args.batch_size}, "
+    print(f"planner ({args.planner}): median {planned:,.0f} ids/s of {len(runs)} runs "
+          f"({', '.join(f'{r / 1e6:.2f}M' for r in runs)}; {args.trainers} trainers, batch {args.batch_size}, "
           f"{args.tables} tables, {args.iterations} iterations, cache {cache:,} rows, write-backs {acks})")
     local = args.batch_size // args.trainers
     for label, model_cfg in (("tiny DLRM, bottom 64-16, top 64-32-1", TINY),
