@@ -865,15 +865,21 @@ def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE,
                 continue
             if pol == P_ORIGINAL and E32t[e, Y_NEXT] <= i + H:
                 continue  # the original rule: keep a row while its reuse gap is under the lookahead
-            key = E64t[e, X_KEY]
-            g = E32t[e, Y_GIDX]
-            slot = _release(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask)
-            ev[nev, 0] = t
-            ev[nev, 1] = key
-            ev[nev, 2] = slot
-            ev[nev, 3] = g
-            nev += 1
+            nev = _evict(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask, ev, nev)
     return nev
+
+
+@njit(_nrt=False, inline="always")
+def _evict(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask, ev, nev):
+    """Release row entry e and record (trainer, key, slot, episode) as eviction nev; returns nev + 1."""
+    key = E64t[e, X_KEY]
+    g = np.int64(E32t[e, Y_GIDX])
+    slot = _release(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask)
+    ev[nev, 0] = t
+    ev[nev, 1] = key
+    ev[nev, 2] = slot
+    ev[nev, 3] = g
+    return nev + 1
 
 
 # -------------------------------------------------------------------- victims
@@ -1026,14 +1032,7 @@ def _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, S, Q, QH, QL, HP, HN, GE, ST
             if v < 0:
                 err = ERR_NO_ROOM
                 break
-            key = E64t[v, X_KEY]
-            g = np.int64(E32t[v, Y_GIDX])
-            vslot = _release(C, t, v, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask)
-            ev[nev, 0] = t
-            ev[nev, 1] = key
-            ev[nev, 2] = vslot
-            ev[nev, 3] = g
-            nev += 1
+            nev = _evict(C, t, v, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask, ev, nev)
             slot = _take_slot(C, t, S, Mt)
         E32t[e, Y_SLOT] = slot
         Mt[M_RES] += 1
