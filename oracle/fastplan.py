@@ -883,6 +883,20 @@ def _evict(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask, ev, nev):
 
 
 # -------------------------------------------------------------------- victims
+@njit(_nrt=False, inline="always")
+def _pop_live(E64t, Qt, QHt, Mt, li, Ht, hshift):
+    """Pop list li up to and including its first item whose stamp is its row's: that row entry, or -1."""
+    while QHt[li, 0] >= 0:
+        n = QHt[li, 0]
+        e = Qt[n, 0]
+        live = E64t[e, X_QST] == Qt[n, 1]
+        _lpop(Qt, QHt, li)
+        _lookahead(E64t, Qt, QHt, Mt, li, Ht, hshift)
+        if live:
+            return e
+    return -1
+
+
 @njit(_nrt=False)
 def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QL, HP, HN, Ht, hshift):
     """The resident row with the smallest (-next use, frequency, last use, key), if its next use > need_at.
@@ -898,14 +912,9 @@ def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QL, HP, HN, Ht
             if m == 0:
                 break
             f = _ctz(m)
-            while QHt[f, 0] >= 0:
-                n = QHt[f, 0]
-                e = Qt[n, 0]
-                ok = E64t[e, X_QST] == Qt[n, 1]
-                _lpop(Qt, QHt, f)
-                _lookahead(E64t, Qt, QHt, Mt, f, Ht, hshift)
-                if ok:
-                    return e, vtop, 0
+            e = _pop_live(E64t, Qt, QHt, Mt, f, Ht, hshift)
+            if e >= 0:
+                return e, vtop, 0
             Mt[M_QMASK] = m & ~(np.int64(1) << f)
         H = HP[t]
         while HN[t] > 0:
@@ -922,14 +931,9 @@ def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QL, HP, HN, Ht
             li = NCLASS + b
             if QHt[li, 2] != QHt[li, 1]:
                 return -1, v, 2
-            while QHt[li, 0] >= 0:
-                n = QHt[li, 0]
-                e = Qt[n, 0]
-                ok = E64t[e, X_QST] == Qt[n, 1]
-                _lpop(Qt, QHt, li)
-                _lookahead(E64t, Qt, QHt, Mt, li, Ht, hshift)
-                if ok:
-                    return e, v, 0
+            e = _pop_live(E64t, Qt, QHt, Mt, li, Ht, hshift)
+            if e >= 0:
+                return e, v, 0
             return -1, v, 1
         v -= 1
     return -1, v, 0

@@ -91,9 +91,8 @@ class SegmentedPlans:
             self._add_stats(self.planner.stats)
 
     def epoch_of(self, i: int) -> int:
-        """The epoch iteration i reads (named in each plan's header)."""
-        epoch_of = getattr(self.batches, "epoch_of", None)
-        return 0 if epoch_of is None else epoch_of(i)
+        """The epoch iteration i reads (named in each plan's header); the batches come from data.reader."""
+        return self.batches.epoch_of(i)
 
     def note_writebacks_applied(self, through_iteration: int) -> None:
         if self.planner is not None:

@@ -61,8 +61,7 @@ def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: lis
 
     def receive(j: int, plans_j: list[Plan]) -> None:
         rec = _Received(j, plans_j)
-        emitted_through = waiting[0].iteration - 1 if waiting else j - 1
-        floor = max(j - lead, emitted_through + 1, 0)
+        floor = max(j - lead, 0)  # plans before it have been emitted (emit() keeps the lead)
         # Recent write-backs that can hold a fetch back: key -> its last iteration, sorted by key.
         recent = [(e, keys) for e, keys in written if e + 1 > floor and len(keys)]
         if recent:
@@ -78,7 +77,7 @@ def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: lis
                 pos = np.minimum(np.searchsorted(wkeys, p.fetch_keys), len(wkeys) - 1)
                 hit = wkeys[pos] == p.fetch_keys
                 at[hit] = witer[pos[hit]] + 1
-            stats[t].fetches_deferred += int(np.count_nonzero(at > max(j - lead, 0)))
+            stats[t].fetches_deferred += int(np.count_nonzero(at > floor))
             rec.issue_at.append(at)
             rec.issued_id.append(np.full(len(at), -1, np.int64))
             if len(p.install_ids) != len(at):
@@ -93,16 +92,16 @@ def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: lis
         now = waiting.popleft()
         m = now.iteration
         for t, p in enumerate(now.plans):
-            keys, versions = [], []
+            keys, versions, issued = [], [], 0
             for rec in (now, *waiting):  # nearest need first
                 here = np.flatnonzero(rec.issue_at[t] == m)
-                rec.issued_id[t][here] = next_id[t] + sum(len(k) for k in keys) + np.arange(len(here))
+                rec.issued_id[t][here] = next_id[t] + issued + np.arange(len(here))
                 keys.append(rec.plans[t].fetch_keys[here])
                 versions.append(rec.plans[t].fetch_versions[here])
-            issued = sum(len(k) for k in keys)
+                issued += len(here)
             p.first_fetch_id = next_id[t]
-            p.fetch_keys = np.concatenate(keys) if keys else p.fetch_keys[:0]
-            p.fetch_versions = np.concatenate(versions) if versions else p.fetch_versions[:0]
+            p.fetch_keys = np.concatenate(keys)
+            p.fetch_versions = np.concatenate(versions)
             next_id[t] += issued
             staged[t] += issued
             stats[t].peak_staged_rows = max(stats[t].peak_staged_rows, staged[t])

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -54,8 +55,8 @@ def pick_device(setting: str) -> torch.device:
 class PlanClient:
     """The trainer's end of the plan stream: in-order plans, credits back."""
 
-    def __init__(self, endpoint: str, job: str, rank: int, timeout_s: float, curve_dir: str = "",
-                 epoch_of=lambda i: 0) -> None:
+    def __init__(self, endpoint: str, job: str, rank: int, timeout_s: float, curve_dir: str,
+                 epoch_of: Callable[[int], int]) -> None:
         self.endpoint, self.job, self.rank, self.timeout_s = endpoint, job, rank, timeout_s
         self.epoch_of = epoch_of  # iteration -> the epoch its plan must name
         self.ctx = zmq.Context()
