@@ -1,5 +1,5 @@
 import sys
 
-from bagpipe.cli import main
+from bagpipe.runner.cli import main
 
 sys.exit(main())

@@ -1,9 +1,12 @@
 """Configuration: one flat ``RunConfig`` a user writes (TOML, ``--set k=v``),
 and a small validated config per component derived from it.
 
-Each component receives only its own config (``StoreConfig``, ``OracleConfig``,
-``TrainerConfig``...), so nothing reaches into a global namespace. Every
-check raises ``ConfigError`` naming the key at fault.
+Each component receives only its own config (``StoreConfig``,
+``OracleConfig``, ``CacheConfig``, ``ModelConfig``, ``TrainerConfig``), so
+nothing reaches into a global namespace. Each key is validated once, by the
+component config that owns it; ``RunConfig`` checks only the run's own
+keys (iterations, epochs, the kind of store). Every check raises
+``ConfigError`` naming the key at fault.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-POLICIES = ("local", "none", "lru", "lfu", "lru-prefetch", "static", "bagpipe", "bagpipe-original")
+from bagpipe.policies import NAMES as POLICIES, policy as policy_row
+
 OPTIMIZERS = ("sgd", "adagrad")
 MODELS = ("dlrm", "dcn")
 
@@ -27,6 +31,16 @@ class ConfigError(ValueError):
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+def capacity_message(cache_rows: int, trainer: int, need: int, iteration: int | None, smallest: int,
+                     at_least: bool = False) -> str:
+    """The one error a cache too small for a batch gets, wherever it is found (the job's preflight,
+    either planner): what is too small, where, and the size to use instead."""
+    where = f"in iteration {iteration}" if iteration is not None else "in one iteration"
+    bound = "at least " if at_least else ""
+    return (f"config key 'cache_rows': {cache_rows} is too small: trainer {trainer} reads {need} distinct rows "
+            f"{where}; the smallest workable cache_rows is {bound}{smallest}")
 
 
 @dataclass(frozen=True)
@@ -62,23 +76,62 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class OracleConfig:
-    """The planner: policy, capacity per trainer, lead P, horizon H, and flow control."""
+    """The Oracle Cacher: what it plans (policy, capacity per trainer, lead P, horizon H, for
+    ``trainers`` trainers sharing global batches of ``batch_size``, ``iterations`` of them) and how
+    it streams the plans (flow control, endpoint, timeout). The planners take it as their config
+    (``oracle.reference.PlannerConfig`` is this class)."""
 
     policy: str = "bagpipe"
-    cache_rows: int = 100_000
+    cache_rows: int = 100_000  # validated by CacheConfig, the cache that holds the rows
     lead: int = 2
     horizon: int = 8
+    trainers: int = 1
+    batch_size: int = 1  # global
+    iterations: int = 0
     max_ahead: int = 16  # credits: plans sent ahead of the slowest trainer
     bind: str = "tcp://127.0.0.1:0"
-    recv_timeout_s: float = 120.0
+    recv_timeout_s: float = 120.0  # validated by TrainerConfig (key 'plan_timeout_s')
 
     def __post_init__(self) -> None:
         _require(self.policy in POLICIES, "policy", f"'{self.policy}' is not one of {', '.join(POLICIES)}")
-        _require(self.cache_rows >= 1, "cache_rows", f"must be >= 1, got {self.cache_rows}")
         _require(self.lead >= 0, "lead", f"must be >= 0, got {self.lead}")
         _require(self.horizon >= self.lead, "horizon", f"must be >= lead ({self.lead}), got {self.horizon}")
+        _require(self.trainers >= 1, "trainers", f"must be >= 1, got {self.trainers}")
+        _require(self.batch_size % self.trainers == 0, "batch_size",
+                 f"{self.batch_size} is not divisible by trainers={self.trainers}")
         _require(self.max_ahead >= max(1, self.lead), "max_ahead", f"must be >= lead and >= 1, got {self.max_ahead}")
-        _require(self.recv_timeout_s > 0, "plan_timeout_s", "must be > 0")
+
+    @property
+    def rules(self):
+        """The policy's row of ``bagpipe.policies``."""
+        return policy_row(self.policy)
+
+    @property
+    def fetch_lead(self) -> int:
+        """How many iterations before its install the policy issues a row's store fetch."""
+        return self.rules.lead(self.lead)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """A trainer's hot-row cache: capacity in rows (the plan says how many slots it needs) and the
+    row-wise optimizer it applies to the rows it holds."""
+
+    cache_rows: int = 100_000
+    optimizer: str = "adagrad"
+    lr: float = 0.05
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _require(self.cache_rows >= 1, "cache_rows", f"must be >= 1, got {self.cache_rows}")
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"'{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.eps > 0, "eps", "must be > 0")
+
+    @property
+    def state_width(self) -> int:
+        """Optimizer state columns stored with each row (row-wise Adagrad: 1)."""
+        return 1 if self.optimizer == "adagrad" else 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +149,31 @@ class ModelConfig:
         _require(len(self.bottom_mlp) >= 1 and self.bottom_mlp[-1] == self.embedding_dim, "bottom_mlp",
                  f"must end in embedding_dim ({self.embedding_dim}), got {list(self.bottom_mlp)}")
         _require(len(self.top_mlp) >= 1 and self.top_mlp[-1] == 1, "top_mlp", "must end in 1")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """One trainer rank's loop: its device and threads, the dense optimizer, evaluation and the plan stream."""
+
+    batch_size: int = 1024  # global
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch threads; 0: the cores divided among the trainers
+    dense_lr: float = 0.05
+    eval_every: int = 0
+    eval_batches: int = 8
+    checkpoint_every: int = 0
+    plan_timeout_s: float = 120.0
+    curve_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        _require(self.threads >= 0, "trainer_threads", "must be >= 0 (0: automatic)")
+        _require(self.dense_lr > 0, "dense_lr", "must be > 0")
+        _require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        _require(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
+        _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        _require(self.plan_timeout_s > 0, "plan_timeout_s", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -143,30 +221,32 @@ class RunConfig:
     plan_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        _require(self.trainers >= 1, "trainers", f"must be >= 1, got {self.trainers}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.batch_size % self.trainers == 0, "batch_size",
-                 f"{self.batch_size} is not divisible by trainers={self.trainers}")
+        # Keys of the run as a whole; every other key is checked by the component config that
+        # owns it, built here once (trainers and their share of a batch: the oracle's).
         _require(self.iterations >= 0, "iterations", "must be >= 0")
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.optimizer in OPTIMIZERS, "optimizer", f"'{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
-        _require(self.lr > 0, "lr", "must be > 0")
-        _require(self.dense_lr > 0, "dense_lr", "must be > 0")
-        _require(self.eval_every >= 0, "eval_every", "must be >= 0")
-        _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
-        _require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-        _require(self.trainer_threads >= 0, "trainer_threads", "must be >= 0 (0: automatic)")
         _require(not self.redis_cluster or self.shards >= 3, "shards",
                  f"a Redis Cluster (redis_cluster = true) needs at least 3 masters, got {self.shards}")
-        # Component configs validate their own keys.
-        self.store_config()
         self.oracle_config()
+        self.trainer_config()
+        self.cache_config()
+        self.store_config()
         self.model_config()
+
+    @property
+    def rules(self):
+        """The policy's row of ``bagpipe.policies``."""
+        return policy_row(self.policy)
 
     @property
     def state_width(self) -> int:
         """Optimizer state columns stored with each row (row-wise Adagrad: 1)."""
-        return 1 if self.optimizer == "adagrad" else 0
+        return self.cache_config().state_width
+
+    @property
+    def local_batch(self) -> int:
+        """Samples per trainer per iteration."""
+        return self.batch_size // self.trainers
 
     def segment_end(self, start: int, iterations: int) -> int:
         """End (exclusive) of the plan segment that begins at ``start``.
@@ -196,7 +276,7 @@ class RunConfig:
         return every > 0 and (iteration + 1) % every == 0 and iteration != iterations - 1
 
     def store_config(self, cluster_url: str | None = None) -> StoreConfig:
-        """The store's config; ``cluster_url`` names a cluster this job started (see bagpipe.job)."""
+        """The store's config; ``cluster_url`` names a cluster this job started (see bagpipe.runner.job)."""
         return StoreConfig(
             shards=self.shards, host=self.redis_host, base_port=self.redis_base_port,
             urls=tuple(self.redis_urls), cluster_url=cluster_url or self.redis_cluster_url,
@@ -205,11 +285,23 @@ class RunConfig:
             bandwidth_gbps=self.store_bandwidth_gbps, seed=self.seed,
         )
 
-    def oracle_config(self) -> OracleConfig:
+    def oracle_config(self, iterations: int | None = None) -> OracleConfig:
+        """The oracle's config; ``iterations`` (the run's count once the data is known) replaces the key."""
         return OracleConfig(
             policy=self.policy, cache_rows=self.cache_rows, lead=self.lead, horizon=self.horizon,
+            trainers=self.trainers, batch_size=self.batch_size,
+            iterations=self.iterations if iterations is None else iterations,
             max_ahead=self.max_ahead, bind=self.oracle_bind, recv_timeout_s=self.plan_timeout_s,
         )
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(cache_rows=self.cache_rows, optimizer=self.optimizer, lr=self.lr, eps=self.eps)
+
+    def trainer_config(self) -> TrainerConfig:
+        return TrainerConfig(batch_size=self.batch_size, device=self.device, threads=self.trainer_threads,
+                             dense_lr=self.dense_lr, eval_every=self.eval_every, eval_batches=self.eval_batches,
+                             checkpoint_every=self.checkpoint_every, plan_timeout_s=self.plan_timeout_s,
+                             curve_dir=self.zmq_curve_dir)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(name=self.model, embedding_dim=self.embedding_dim,

@@ -35,6 +35,28 @@ def key_row(keys: np.ndarray) -> np.ndarray:
     return np.asarray(keys, dtype=np.int64) & _ROW_MASK
 
 
+def batch_keys(rows: np.ndarray) -> np.ndarray:
+    """A batch's per-table row ids [B, T] as int64 keys [B, T] (column t is table t)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return make_keys(np.arange(rows.shape[1], dtype=np.int64)[None, :], rows)
+
+
+def trainer_keys(keys: np.ndarray, trainer: int, trainers: int) -> np.ndarray:
+    """Trainer ``trainer``'s contiguous share of a global batch's keys (rank r of W reads rows
+    [r*B/W, (r+1)*B/W), as ``bagpipe.dataset`` slices them)."""
+    local = keys.shape[0] // trainers
+    return keys[trainer * local:(trainer + 1) * local]
+
+
+def distinct_rows_per_trainer(rows: np.ndarray, trainers: int) -> np.ndarray:
+    """How many distinct rows each trainer reads in one global batch of row ids [B, T]: int64 [trainers].
+
+    The capacity a policy held to ``cache_rows`` needs is the largest of these over the run.
+    """
+    keys = batch_keys(rows)
+    return np.array([len(np.unique(trainer_keys(keys, t, trainers))) for t in range(trainers)], np.int64)
+
+
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser, vectorised over uint64 (wrapping arithmetic)."""
     z = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)

@@ -20,33 +20,29 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import ipaddress
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
-
 import redis
 
 from bagpipe.config import ConfigError, StoreConfig
 from bagpipe.log import init_logger
+from bagpipe.procs import child_setup, free_ports
 
 log = logging.getLogger("bagpipe.servers")
 
 # Start-up (and AOF reload) may take a while; running commands use cfg.timeout_s.
 START_TIMEOUT_FACTOR = 6.0
 PORT_TRIES = 3  # fresh ports to try when a picked free port was taken meanwhile
-_PR_SET_PDEATHSIG = 1
 
 
 class ServersError(RuntimeError):
@@ -94,44 +90,11 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def free_ports(host: str, count: int) -> list[int]:
-    """``count`` distinct ports free on ``host`` right now (another process may still take one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _conf_string(text: str) -> str:
     """A redis.conf string argument that survives any byte (spaces, quotes, '#')."""
     # Printable ASCII stays readable; quotes, backslashes and any other byte become \xHH.
     safe = (bytes([b]).decode() if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}" for b in text.encode())
     return '"' + "".join(safe) + '"'
-
-
-def _die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the child get SIGTERM when its launcher dies.
-
-    The kernel sends the signal when the *thread* that forked the child
-    exits, so servers should be started from a long-lived thread (the main
-    thread in ``bagpipe run`` and ``bagpipe servers``).
-    """
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no dlopen in the child
-    parent = os.getpid()
-
-    def setup() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            os._exit(1)
-
-    return setup
 
 
 class _RedisProcesses:
@@ -292,8 +255,7 @@ class _RedisProcesses:
         log_file = open(d / "redis.log", "ab")
         try:
             return subprocess.Popen([binary, str(conf)], stdin=subprocess.DEVNULL, stdout=log_file,
-                                    stderr=subprocess.STDOUT, cwd=d, start_new_session=True,
-                                    preexec_fn=_die_with_parent())
+                                    stderr=subprocess.STDOUT, cwd=d, preexec_fn=child_setup())
         except OSError as exc:
             raise ServersError(f"cannot start {binary} for {self.kind} {i} on {self.host}:{self.ports[i]}: "
                                f"{exc}") from None

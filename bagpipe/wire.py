@@ -164,12 +164,73 @@ def decode_plan(frames: list, job: str, rank: int, iteration: int, epoch: int = 
     return Plan(iteration=iteration, rank=rank, **arrays, **{k: int(header[k]) for k in Plan.SCALARS})
 
 
-def encode_control(kind: bytes, job: str, **fields_: int | str) -> list:
-    return _pack(kind, dict(fields_, job=job), [])
+# ------------------------------------------------------------ control messages
+@dataclass(frozen=True)
+class Hello:
+    """Trainer -> oracle, once: this connection carries ``rank``'s plans."""
+
+    rank: int
 
 
-def decode_control(frames: list, job: str) -> tuple[bytes, dict]:
-    kind, header, _ = _unpack(frames, job)
-    if kind not in (KIND_HELLO, KIND_CREDIT, KIND_END, KIND_ERROR, KIND_PLAN):
-        raise WireError(f"unknown message kind {kind!r}")
-    return kind, header
+@dataclass(frozen=True)
+class Credit:
+    """Trainer -> oracle: ``rank`` finished ``iteration``; its write-backs after iterations
+    <= ``written_through`` have landed (the planner may forget them)."""
+
+    rank: int
+    iteration: int
+    written_through: int
+
+
+@dataclass(frozen=True)
+class End:
+    """Oracle -> trainer: no plan follows."""
+
+    rank: int
+
+
+@dataclass(frozen=True)
+class Error:
+    """Either way: the sender stops, and says why."""
+
+    rank: int
+    message: str
+
+
+Control = Hello | Credit | End | Error
+_CONTROL_KINDS: dict[bytes, type] = {KIND_HELLO: Hello, KIND_CREDIT: Credit, KIND_END: End, KIND_ERROR: Error}
+_KIND_OF: dict[type, bytes] = {cls: kind for kind, cls in _CONTROL_KINDS.items()}
+MAX_MESSAGE_CHARS = 500  # an Error's message is cut to this
+
+
+def encode_control(msg: Control, job: str) -> list:
+    body = {f.name: getattr(msg, f.name) for f in fields(msg)}
+    if isinstance(msg, Error):
+        body["message"] = msg.message[:MAX_MESSAGE_CHARS]
+    return _pack(_KIND_OF[type(msg)], dict(body, job=job), [])
+
+
+def decode_control(frames: list, job: str) -> Control:
+    """A control message, its fields checked against their types (a plan here is a WireError)."""
+    kind, header, arrays = _unpack(frames, job)
+    cls = _CONTROL_KINDS.get(kind)
+    if cls is None:
+        raise WireError(f"expected a control message, got message kind {kind!r}")
+    if arrays:
+        raise WireError(f"control message {cls.__name__} carries {len(arrays)} arrays")
+    values = {}
+    for f in fields(cls):
+        value = header.get(f.name)
+        want = str if f.type == "str" else int
+        # bool is an int to Python, never a rank or an iteration here.
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise WireError(f"{cls.__name__} message: field '{f.name}' is {value!r}, expected {want.__name__}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def message_kind(frames: list) -> bytes:
+    """The one-byte kind of a message (frame 0), before decoding it."""
+    if not frames:
+        raise WireError("empty message")
+    return bytes(frames[0])

@@ -17,14 +17,11 @@ import json
 import pathlib
 import sys
 
-# Run as a script, Python puts bench/ first on the path, where this file would shadow
-# the `oracle` package: import the project from the repository root instead.
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import numpy as np
 
-from data.reader import Dataset
-from oracle.planner import batch_keys
+from bagpipe.dataset import Dataset
+from bagpipe.keys import batch_keys
 from oracle.simulate import simulate
 
 

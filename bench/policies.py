@@ -26,7 +26,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench-quick.
 
 
 def run_bench(cfg: RunConfig, policies: list[str], repeats: int, run_dir: Path) -> dict:
-    from bagpipe.job import run_job
+    from bagpipe.runner.job import run_job
 
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     for r in range(repeats):

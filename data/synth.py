@@ -31,6 +31,7 @@ import numpy as np
 
 from bagpipe.keys import splitmix64
 from bagpipe.log import init_logger
+from bagpipe.metrics import auc
 from data import formats as F
 
 log = logging.getLogger("bagpipe.data.synth")
@@ -349,19 +350,6 @@ def avazu_text(c: Chunk, int_tables: dict[str, np.ndarray]) -> bytes:
 
 
 # ------------------------------------------------------------------ measuring
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve by the rank statistic (ties averaged)."""
-    labels = labels.astype(bool)
-    pos, neg = int(labels.sum()), int((~labels).sum())
-    if pos == 0 or neg == 0:
-        return 0.5
-    order = np.argsort(scores, kind="stable")
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
 def top_share(per_feature_values: list[np.ndarray], fraction: float = 0.01) -> float:

@@ -68,9 +68,8 @@ INF = 1 << 62
 INF32 = (1 << 31) - 1  # "no use in the window" in int32 next-use fields
 ROW_SHIFT = 40  # bagpipe.keys.ROW_BITS: key = table << 40 | row
 
+# The policies' codes (bagpipe.policies' ``code`` column, which tests/test_floors.py holds to these).
 P_NONE, P_LRU, P_LFU, P_LRU_PREFETCH, P_STATIC, P_BAGPIPE, P_ORIGINAL = range(7)
-POLICY_CODES = {"none": P_NONE, "lru": P_LRU, "lfu": P_LFU, "lru-prefetch": P_LRU_PREFETCH,
-                "static": P_STATIC, "bagpipe": P_BAGPIPE, "bagpipe-original": P_ORIGINAL}
 
 # Config vector C.
 C_POLICY, C_CAP, C_HORIZON, C_N, C_U, C_R, C_ITERS, C_BOUNDED, C_T, C_LB, C_NW, C_GW = range(12)

@@ -29,11 +29,11 @@ import numpy as np
 from bagpipe.wire import Plan
 from oracle import fastplan as fp
 from oracle.staging import stage_fetches
-from oracle.reference import (INF, PLANNED_POLICIES, BatchSource, PlanError, PlannerConfig, PlanStats,
-                              batch_keys)
+from bagpipe.config import capacity_message
+from bagpipe.keys import distinct_rows_per_trainer
+from oracle.reference import INF, BatchSource, PlanError, PlannerConfig, PlanStats, check_planned
 
-__all__ = ["INF", "PLANNED_POLICIES", "BatchSource", "PlanError", "Planner", "PlannerConfig", "PlanStats",
-           "batch_keys", "pinned_rows"]
+__all__ = ["INF", "BatchSource", "PlanError", "Planner", "PlannerConfig", "PlanStats", "pinned_rows"]
 
 # The kernels' counters (fetches_deferred and peak_staged_rows are oracle.staging's).
 _STAT_FIELDS = ("rows_fetched", "rows_joined", "rows_written_back", "rows_synced", "peak_resident_rows")
@@ -108,10 +108,9 @@ class _State:
             raise PlanError(f"a window of {r} iterations of {u} rows, or {iterations} iterations, is too large")
         nw = (n + 63) // 64
         gw = fp.G_MASKS + 2 * nw + n
-        policy = fp.POLICY_CODES[cfg.policy]
-        bounded = cfg.policy not in ("bagpipe-original", "none")
-        self.C = np.array([policy, cfg.cache_rows, cfg.horizon, n, u, r, iterations,
-                           int(bounded), tables, lb, nw, gw], np.int64)
+        rules = cfg.rules
+        self.C = np.array([rules.code, cfg.cache_rows, cfg.horizon, n, u, r, iterations,
+                           int(rules.bounded), tables, lb, nw, gw], np.int64)
         assert len(self.C) == fp.C_LEN
         self.n, self.u, self.r = n, u, r
         # Room for about four iterations' rows from the start (the window holds up to r, sharing hot rows).
@@ -125,7 +124,7 @@ class _State:
         self.Wi = np.zeros((n, r * u), np.int32)
         self.Wx = np.zeros((n, r * u), np.int32)
         self.S = np.zeros((n, 1024), np.int64)
-        nlists = fp.NCLASS + (r if cfg.policy == "bagpipe" else 0)
+        nlists = fp.NCLASS + (r if rules.code == fp.P_BAGPIPE else 0)
         self.Q = np.zeros((n, 1024, 3), np.int64)
         self.QH = np.full((n, nlists, 3), -1, np.int64)
         self.QL = np.zeros((n, r + 1), np.int64)
@@ -275,6 +274,7 @@ class Planner:
     """
 
     def __init__(self, cfg: PlannerConfig, batches: BatchSource, pinned: list[set[int]] | None = None) -> None:
+        check_planned(cfg)
         self.cfg = cfg
         self.batches = batches
         self.n = cfg.trainers
@@ -283,7 +283,7 @@ class Planner:
         self.stats = [PlanStats() for _ in range(self.n)]
         self.wb_applied_through = -1  # every write-back after iterations <= this has landed
         self._pinned: list[np.ndarray] | None = None
-        if cfg.policy == "static":
+        if cfg.rules.pins:
             if pinned is None:
                 pinned = pinned_rows(cfg, batches)
             self._pinned = [np.array(sorted(p), np.int64) for p in pinned]
@@ -325,23 +325,17 @@ class Planner:
             job.result()
         self._loading = []
         i, s = self._loaded, self._state
-        if self.cfg.policy not in ("bagpipe-original", "none"):
+        if self.cfg.rules.bounded:
             for t in range(self.n):
                 if s.distinct[t] > self.cfg.cache_rows:
-                    raise PlanError(
-                        f"cache_rows={self.cfg.cache_rows} is too small: trainer {t} reads {int(s.distinct[t])} "
-                        f"distinct rows in iteration {i}; the smallest workable cache_rows is "
-                        f"{self.min_cache_rows()}")
+                    raise PlanError(capacity_message(self.cfg.cache_rows, t, int(s.distinct[t]), i,
+                                                     self.min_cache_rows()))
         self._loaded += 1
 
     def min_cache_rows(self) -> int:
         """The smallest capacity that can run: the most distinct rows one trainer reads in one iteration."""
-        need = 0
-        for i in range(self.iterations):
-            rows = np.ascontiguousarray(self.batches[i], dtype=np.int64)
-            for t in range(self.n):
-                need = max(need, len(fp.distinct_keys(rows, t * self.local_b, self.local_b)))
-        return need
+        return max((int(distinct_rows_per_trainer(self.batches[i], self.n).max()) for i in range(self.iterations)),
+                   default=0)
 
     def note_writebacks_applied(self, through_iteration: int) -> None:
         """Write-backs after iterations <= ``through_iteration`` have landed (trainer acks)."""
@@ -509,8 +503,7 @@ def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
     for t in range(cfg.trainers):
         room = cfg.cache_rows - per_iter_max[t]
         if room < 0:
-            raise PlanError(f"cache_rows={cfg.cache_rows} is too small: trainer {t} reads "
-                            f"{per_iter_max[t]} distinct rows in one iteration")
+            raise PlanError(capacity_message(cfg.cache_rows, t, per_iter_max[t], None, max(per_iter_max)))
         keys, counts = np.unique(np.concatenate(seen[t]) if seen[t] else np.zeros(0, np.int64),
                                  return_counts=True)
         ranked = np.lexsort((keys, -counts))

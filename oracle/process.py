@@ -10,7 +10,6 @@ the planner can forget write-backs known to have landed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,25 +17,21 @@ from pathlib import Path
 import zmq
 
 from bagpipe.config import RunConfig
+from bagpipe.dataset import Dataset
+from bagpipe.rundir import RunDir
 from bagpipe.curve import ServerSecurity
 from bagpipe.faults import Fault
 from bagpipe.log import init_logger
-from bagpipe.wire import (KIND_CREDIT, KIND_END, KIND_ERROR, KIND_HELLO, WireError, decode_control,
-                          encode_control, encode_plan)
+from bagpipe.wire import Control, Credit, End, Error, Hello, WireError, decode_control, encode_control, encode_plan
 import numpy as np
 
-from oracle.planner import BatchSource, Planner, PlannerConfig, PlanError
+from oracle.planner import BatchSource, Planner, PlanError
 
 log = logging.getLogger("bagpipe")
 
 
 class OracleError(RuntimeError):
     pass
-
-
-def planner_config(cfg: RunConfig, iterations: int) -> PlannerConfig:
-    return PlannerConfig(policy=cfg.policy, cache_rows=cfg.cache_rows, lead=cfg.lead, horizon=cfg.horizon,
-                         trainers=cfg.trainers, batch_size=cfg.batch_size, iterations=iterations)
 
 
 class _Shifted:
@@ -81,7 +76,7 @@ class SegmentedPlans:
     def plans(self):
         for lo, hi in self.bounds:
             self.offset = lo
-            self.planner = Planner(planner_config(self.cfg, hi - lo), _Shifted(self.batches, lo, hi))
+            self.planner = Planner(self.cfg.oracle_config(iterations=hi - lo), _Shifted(self.batches, lo, hi))
             for i, plans in self.planner.plans():
                 for p in plans:
                     p.iteration = i + lo
@@ -91,7 +86,7 @@ class SegmentedPlans:
             self._add_stats(self.planner.stats)
 
     def epoch_of(self, i: int) -> int:
-        """The epoch iteration i reads (named in each plan's header); the batches come from data.reader."""
+        """The epoch iteration i reads (named in each plan's header); the batches come from bagpipe.dataset."""
         return self.batches.epoch_of(i)
 
     def note_writebacks_applied(self, through_iteration: int) -> None:
@@ -131,29 +126,30 @@ class OracleServer:
         self.done = [planner.start - 1] * trainers  # last iteration each trainer finished
         self.written_through = [planner.start - 1] * trainers  # each trainer's landed write-backs
 
-    def _recv(self, timeout_s: float) -> tuple[bytes, bytes, dict] | None:
+    def _recv(self, timeout_s: float) -> tuple[bytes, Control] | None:
         if not self.sock.poll(int(timeout_s * 1000)):
             return None
         frames = self.sock.recv_multipart(copy=True)
         ident, frames = frames[0], frames[1:]
-        kind, header = decode_control(frames, self.job)
-        return ident, kind, header
+        return ident, decode_control(frames, self.job)
 
-    def _handle(self, ident: bytes, kind: bytes, header: dict) -> None:
-        rank = header.get("rank")
-        if not isinstance(rank, int) or not 0 <= rank < self.trainers:
+    def _handle(self, ident: bytes, msg: Control) -> None:
+        rank = msg.rank
+        if not 0 <= rank < self.trainers:
             raise OracleError(f"message from unknown rank {rank!r}")
-        if kind == KIND_HELLO:
+        if isinstance(msg, Hello):
             self.identity[rank] = ident
-        elif kind == KIND_CREDIT:
-            it = header.get("iteration")
-            if it != self.done[rank] + 1:
-                raise OracleError(f"trainer {rank} acknowledged iteration {it}, expected {self.done[rank] + 1}")
-            self.done[rank] = it
-            self.written_through[rank] = int(header.get("written_through", -1))
+        elif isinstance(msg, Credit):
+            if msg.iteration != self.done[rank] + 1:
+                raise OracleError(f"trainer {rank} acknowledged iteration {msg.iteration}, "
+                                  f"expected {self.done[rank] + 1}")
+            self.done[rank] = msg.iteration
+            self.written_through[rank] = msg.written_through
             self.planner.note_writebacks_applied(min(self.written_through))
-        elif kind == KIND_ERROR:
-            raise OracleError(f"trainer {rank} stopped: {header.get('message', '')}")
+        elif isinstance(msg, Error):
+            raise OracleError(f"trainer {rank} stopped: {msg.message}")
+        else:
+            raise OracleError(f"trainer {rank} sent {type(msg).__name__}, which only the oracle sends")
 
     def serve(self) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -178,7 +174,7 @@ class OracleServer:
             while self.sock.poll(0):
                 self._handle(*self._recv(0))
         for t in range(self.trainers):
-            self._send(t, encode_control(KIND_END, self.job, rank=t))
+            self._send(t, encode_control(End(rank=t), self.job))
         last = self.planner.iterations - 1
         while min(self.done) < last:
             msg = self._recv(self.timeout_s)
@@ -222,7 +218,7 @@ class OracleServer:
         if error and self.identity:
             for t, ident in self.identity.items():
                 try:
-                    self.sock.send_multipart([ident] + encode_control(KIND_ERROR, self.job, rank=t, message=error),
+                    self.sock.send_multipart([ident] + encode_control(Error(rank=t, message=error), self.job),
                                              flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
@@ -238,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-iteration", type=int, default=0, help="first iteration to plan (a resumed run)")
     args = parser.parse_args(argv)
     init_logger("oracle")
-    cfg = RunConfig.from_dict(json.loads((args.run_dir / "config.json").read_text()))
-    job = (args.run_dir / "job_id").read_text().strip()
-    from data.reader import Dataset
+    run = RunDir(args.run_dir)
+    cfg = RunConfig.from_dict(run.read_config())
+    job = run.job_id()
 
     sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
     iterations = cfg.iterations or len(sparse)
@@ -250,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     error = None
     try:
         server.serve()
-        (args.run_dir / "oracle_stats.json").write_text(json.dumps(stream.stats, indent=1))
+        run.write_oracle_stats(stream.stats)
         log.info("planned iterations %d..%d", args.first_iteration, iterations - 1)
         return 0
     except (OracleError, WireError, PlanError) as exc:

@@ -52,14 +52,15 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from bagpipe.keys import make_keys
+from bagpipe.config import OracleConfig, capacity_message
+from bagpipe.keys import batch_keys, distinct_rows_per_trainer, trainer_keys
+from bagpipe.policies import PLANNED, policy as policy_row
 from bagpipe.wire import Plan
 from oracle.staging import stage_fetches
 
 log = logging.getLogger("bagpipe")
 
 INF = 1 << 62
-PLANNED_POLICIES = ("none", "lru", "lfu", "lru-prefetch", "static", "bagpipe", "bagpipe-original")
 
 
 class PlanError(ValueError):
@@ -71,32 +72,14 @@ class BatchSource(Protocol):
     def __getitem__(self, i: int) -> np.ndarray: ...
 
 
-@dataclass(frozen=True)
-class PlannerConfig:
-    policy: str
-    cache_rows: int
-    lead: int
-    horizon: int
-    trainers: int
-    batch_size: int  # global
-    iterations: int
+# The planners' config is the oracle's: policy, capacity, lead, horizon, trainers, batch, iterations.
+PlannerConfig = OracleConfig
 
-    def __post_init__(self) -> None:
-        if self.policy not in PLANNED_POLICIES:
-            raise PlanError(f"policy '{self.policy}' is not planned by the oracle ({', '.join(PLANNED_POLICIES)})")
-        if self.batch_size % self.trainers:
-            raise PlanError(f"batch_size {self.batch_size} is not divisible by trainers={self.trainers}")
-        if self.horizon < self.lead:
-            raise PlanError(f"horizon {self.horizon} < lead {self.lead}")
 
-    @property
-    def fetch_lead(self) -> int:
-        """How many iterations before its install the policy issues a row's store fetch."""
-        if self.policy in ("bagpipe", "bagpipe-original"):
-            return self.lead
-        if self.policy == "lru-prefetch":
-            return 1
-        return 0  # demand policies fetch in the iteration that reads
+def check_planned(cfg: PlannerConfig) -> None:
+    """Refuse a policy the oracle does not plan (``local`` holds every row in the trainers)."""
+    if not cfg.rules.planned:
+        raise PlanError(f"policy '{cfg.policy}' is not planned by the oracle ({', '.join(PLANNED)})")
 
 
 @dataclass
@@ -172,21 +155,12 @@ def _prio_lfu(c: _TrainerCache, key: int) -> tuple:
     return (c.freq.get(key, 0), c.last_use.get(key, -1), key)
 
 
+# By the policy table's ``victim``.
 _PRIORITY: dict[str, Callable[[_TrainerCache, int], tuple]] = {
-    "bagpipe": _prio_furthest,
-    "bagpipe-original": _prio_furthest,
+    "furthest": _prio_furthest,
     "lru": _prio_lru,
-    "lru-prefetch": _prio_lru,
-    "static": _prio_lru,
-    "none": _prio_lru,
     "lfu": _prio_lfu,
 }
-
-
-def batch_keys(rows: np.ndarray) -> np.ndarray:
-    """Per-table row ids [B, T] -> int64 keys [B, T]."""
-    rows = np.asarray(rows, dtype=np.int64)
-    return make_keys(np.arange(rows.shape[1], dtype=np.int64)[None, :], rows)
 
 
 class Planner:
@@ -199,14 +173,14 @@ class Planner:
     """
 
     def __init__(self, cfg: PlannerConfig, batches: BatchSource, pinned: list[set[int]] | None = None) -> None:
+        check_planned(cfg)
         self.cfg = cfg
         self.batches = batches
         self.n = cfg.trainers
         self.local_b = cfg.batch_size // cfg.trainers
         self.iterations = min(cfg.iterations, len(batches))
-        bounded = cfg.policy not in ("bagpipe-original", "none")
-        self.caches = [_TrainerCache(cfg.cache_rows, bounded) for _ in range(self.n)]
-        self.priority = _PRIORITY[cfg.policy]
+        self.caches = [_TrainerCache(cfg.cache_rows, cfg.rules.bounded) for _ in range(self.n)]
+        self.priority = _PRIORITY[cfg.rules.victim]
         self.window: dict[int, _IterRows] = {}
         self.loaded = 0  # iterations [0, loaded) have entered the window
         self.episodes: dict[int, _Episode] = {}
@@ -214,7 +188,7 @@ class Planner:
         self.last_wb: dict[int, int] = {}
         self.wb_applied_through = -1  # every write-back after iterations <= this has landed
         self.stats = [PlanStats() for _ in range(self.n)]
-        if cfg.policy == "static":
+        if cfg.rules.pins:
             if pinned is None:
                 pinned = pinned_rows(cfg, batches)
             for c, rows in zip(self.caches, pinned):
@@ -230,15 +204,13 @@ class Planner:
                 raise PlanError(f"batch {i} has {keys.shape[0]} rows, expected batch_size {self.cfg.batch_size}")
             rows = _IterRows([], [], [])
             for t, c in enumerate(self.caches):
-                part = keys[t * self.local_b:(t + 1) * self.local_b]
+                part = trainer_keys(keys, t, self.n)
                 uniq, inv = np.unique(part, return_inverse=True)
                 rows.keys.append(part)
                 rows.uniq.append(uniq)
                 rows.inverse.append(inv.reshape(part.shape))
                 if len(uniq) > c.capacity and c.bounded:
-                    raise PlanError(
-                        f"cache_rows={c.capacity} is too small: trainer {t} reads {len(uniq)} distinct rows "
-                        f"in iteration {i}; the smallest workable cache_rows is {self.min_cache_rows()}")
+                    raise PlanError(capacity_message(c.capacity, t, len(uniq), i, self.min_cache_rows()))
                 for key in uniq.tolist():
                     q = c.uses.get(key)
                     if q is None:
@@ -254,12 +226,8 @@ class Planner:
 
     def min_cache_rows(self) -> int:
         """The smallest capacity that can run: the most distinct rows one trainer reads in one iteration."""
-        need = 0
-        for i in range(self.iterations):
-            keys = batch_keys(self.batches[i])
-            for t in range(self.n):
-                need = max(need, len(np.unique(keys[t * self.local_b:(t + 1) * self.local_b])))
-        return need
+        return max((int(distinct_rows_per_trainer(self.batches[i], self.n).max()) for i in range(self.iterations)),
+                   default=0)
 
     def _push(self, c: _TrainerCache, key: int) -> None:
         heapq.heappush(c.heap, (self.priority(c, key), key))
@@ -284,7 +252,7 @@ class Planner:
                 heapq.heappop(c.heap)  # stale entry
                 continue
             if c.next_use(key) <= need_at:
-                if self.cfg.policy in ("bagpipe", "bagpipe-original"):
+                if self.cfg.rules.victim == "furthest":
                     return None  # furthest next use is too soon: nothing better exists
                 skipped.append(heapq.heappop(c.heap))
                 continue
@@ -327,12 +295,12 @@ class Planner:
                     else:
                         self._push(c, key)
                 # Policies that evict right after use, whatever the capacity.
-                policy, used = self.cfg.policy, done.uniq[t].tolist()
-                if policy == "none":
+                rule, used = self.cfg.rules.drops_after_use, done.uniq[t].tolist()
+                if rule == "all":
                     drop = used
-                elif policy == "static":
+                elif rule == "unpinned":
                     drop = [x for x in used if x not in c.pinned]
-                elif policy == "bagpipe-original":
+                elif rule == "gap":
                     # The original rule: keep a row while its reuse gap is under the lookahead.
                     drop = [x for x in used if c.next_use(x) > k - 1 + self.cfg.horizon]
                 else:
@@ -485,14 +453,13 @@ def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
     The pinned set leaves room in the cache for one iteration's other rows
     (a per-batch scratch area), so the capacity bound still holds.
     """
-    local_b = cfg.batch_size // cfg.trainers
     iterations = min(cfg.iterations, len(batches))
     counts: list[dict[int, int]] = [dict() for _ in range(cfg.trainers)]
     per_iter_max = [0] * cfg.trainers
     for i in range(iterations):
         keys = batch_keys(batches[i])
         for t in range(cfg.trainers):
-            uniq = np.unique(keys[t * local_b:(t + 1) * local_b])
+            uniq = np.unique(trainer_keys(keys, t, cfg.trainers))
             per_iter_max[t] = max(per_iter_max[t], len(uniq))
             c = counts[t]
             for key in uniq.tolist():
@@ -501,8 +468,7 @@ def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
     for t in range(cfg.trainers):
         room = cfg.cache_rows - per_iter_max[t]
         if room < 0:
-            raise PlanError(f"cache_rows={cfg.cache_rows} is too small: trainer {t} reads "
-                            f"{per_iter_max[t]} distinct rows in one iteration")
+            raise PlanError(capacity_message(cfg.cache_rows, t, per_iter_max[t], None, max(per_iter_max)))
         ranked = sorted(counts[t].items(), key=lambda kv: (-kv[1], kv[0]))
         pinned.append({key for key, _ in ranked[:room]})
     return pinned

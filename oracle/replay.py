@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bagpipe.wire import Plan
-from oracle.planner import batch_keys
+from bagpipe.keys import batch_keys, trainer_keys
 
 _MOD = (1 << 61) - 1
 
@@ -44,7 +44,6 @@ def replay(plans_by_iter, batches, trainers: int, batch_size: int, capacity: int
     Returns the final store (key -> value). Raises ReplayError on the first
     broken invariant.
     """
-    local_b = batch_size // trainers
     store: dict[int, tuple[int, int]] = {}  # key -> (value, version)
     reference: dict[int, int] = {}
     ts = [_Trainer({}, {}, {}, {}, {}, {}) for _ in range(trainers)]
@@ -104,7 +103,7 @@ def replay(plans_by_iter, batches, trainers: int, batch_size: int, capacity: int
         grads: list[dict[int, int]] = []
         for t, p in enumerate(plans):
             tr = ts[t]
-            part = keys[t * local_b:(t + 1) * local_b]
+            part = trainer_keys(keys, t, trainers)
             g: dict[int, int] = {}
             for key, slot in zip(part.ravel().tolist(), p.read_slots.ravel().tolist()):
                 if tr.slot_key.get(slot) != key:

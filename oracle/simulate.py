@@ -15,7 +15,10 @@ import time
 
 import numpy as np
 
-from oracle.planner import INF, PLANNED_POLICIES, BatchSource, Planner, PlannerConfig, PlanError, batch_keys
+from bagpipe.config import ConfigError
+from bagpipe.keys import batch_keys, trainer_keys
+from bagpipe.policies import PLANNED
+from oracle.planner import INF, BatchSource, Planner, PlannerConfig, PlanError
 
 
 def belady_fetches(batches: BatchSource, batch_size: int, trainers: int, capacity: int,
@@ -29,12 +32,11 @@ def belady_fetches(batches: BatchSource, batch_size: int, trainers: int, capacit
     as a fetch).
     """
     iterations = min(iterations or len(batches), len(batches))
-    local_b = batch_size // trainers
     per_trainer: list[list[np.ndarray]] = [[] for _ in range(trainers)]
     for i in range(iterations):
         keys = batch_keys(batches[i])
         for t in range(trainers):
-            per_trainer[t].append(np.unique(keys[t * local_b:(t + 1) * local_b]))
+            per_trainer[t].append(np.unique(trainer_keys(keys, t, trainers)))
     out = []
     for seq in per_trainer:
         # next use of each (iteration, key), computed backwards
@@ -143,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object keyed by policy")
     parser.add_argument("--trace-out", help="write the access sequence as Parquet")
     args = parser.parse_args(argv)
-    from data.reader import Dataset
+    from bagpipe.dataset import Dataset
 
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
-        if p not in PLANNED_POLICIES + ("belady", "belady-bypass"):
+        if p not in PLANNED + ("belady", "belady-bypass"):
             print(f"bagpipe simulate: unknown policy '{p}'", file=sys.stderr)
             return 2
     sparse = Dataset(args.data).sparse_batches(args.batch_size, seed=args.seed, shuffle=args.shuffle == "true")
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = simulate(sparse, args.batch_size, args.cache_rows, args.trainers, args.lead, args.horizon,
                           iterations, policies)
-    except PlanError as exc:
+    except (PlanError, ConfigError) as exc:
         print(f"bagpipe simulate: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bagpipe.check import main as check_main
+from bagpipe.runner.check import main as check_main
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

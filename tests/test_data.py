@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from data import formats as F
 from data.prepare import BlockBytes, PrepareConfig, PrepareError, parse_hex, parse_int, prepare
-from data.reader import Dataset, DatasetError
+from bagpipe.dataset import Dataset, DatasetError
 from data.synth import SynthConfig, synthesise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -564,7 +564,7 @@ def test_small_dataset_is_fully_permuted(prepared):
 
 _CHILD = """
 import hashlib, sys
-from data.reader import Dataset
+from bagpipe.dataset import Dataset
 ds = Dataset(sys.argv[1])
 h = hashlib.sha256()
 r = ds.batches(120, seed=11, epoch=2, world_size=2, rank=1, shuffle_window_rows=5000)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from bagpipe.check import compare_models, verdict
+from bagpipe.runner.check import compare_models, verdict
 from bagpipe.checkpoint import CheckpointError, Checkpoints, load_manifest
 from bagpipe.config import RunConfig
-from bagpipe.export import load_model
-from bagpipe.job import run_job
+from bagpipe.runner.export import load_model
+from bagpipe.runner.job import run_job
 from procs import wait_gone
 
 pytestmark = pytest.mark.slow

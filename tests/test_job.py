@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bagpipe.config import RunConfig
-from bagpipe.export import load_model
-from bagpipe.job import run_job
+from bagpipe.runner.export import load_model
+from bagpipe.runner.job import run_job
 from procs import wait_gone
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def test_killed_trainer_ends_the_job_with_a_clear_error(small_criteo, tmp_path):
 
 def test_several_epochs_run_as_one_plan_stream(small_criteo, tmp_path):
     """Two epochs, the boundary inside the run: bagpipe still trains exactly the all-in-memory model."""
-    from data.reader import Dataset
+    from bagpipe.dataset import Dataset
 
     per_epoch = len(Dataset(str(small_criteo)).sparse_batches(4096, seed=0))
     iterations = per_epoch + 3

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from bagpipe.check import compare_models, verdict
+from bagpipe.runner.check import compare_models, verdict
 from bagpipe.config import RunConfig
-from bagpipe.export import load_model
-from bagpipe.job import run_job
+from bagpipe.runner.export import load_model
+from bagpipe.runner.job import run_job
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from oracle.planner import PLANNED_POLICIES, Planner, PlannerConfig, PlanError
+from bagpipe.policies import PLANNED, policy as policy_row
+from oracle.planner import Planner, PlannerConfig, PlanError
 from oracle.replay import ReplayError, replay
 from oracle.simulate import belady_fetches
 
@@ -24,7 +25,7 @@ def _min_capacity(data, trainers, batch):
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
-    policy=st.sampled_from(PLANNED_POLICIES),
+    policy=st.sampled_from(PLANNED),
     trainers=st.sampled_from([1, 2, 3]),
     lead=st.integers(0, 3),
     extra_horizon=st.integers(0, 4),
@@ -39,7 +40,7 @@ def test_plans_are_consistent_and_bounded(seed, policy, trainers, lead, extra_ho
         capacity += 3 * batch  # room for pinned rows beside one batch's scratch
     cfg = PlannerConfig(policy, capacity, lead, lead + extra_horizon, trainers, batch, len(data))
     planner = Planner(cfg, data)
-    bounded = policy not in ("none", "bagpipe-original")
+    bounded = policy_row(policy).bounded
     # replay checks: capacity, every read resident in its slot, no stale read,
     # versions, and the final rows equal one table trained on the same batches.
     replay(planner.plans(), data, trainers, batch, capacity if bounded else None)

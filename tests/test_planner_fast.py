@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from bagpipe.policies import PLANNED
 from bagpipe.wire import Plan
 from oracle import planner as fast
 from oracle import reference as ref
@@ -61,7 +62,7 @@ def _min_capacity(data, trainers, batch):
 @settings(max_examples=120, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
-    policy=st.sampled_from(ref.PLANNED_POLICIES),
+    policy=st.sampled_from(PLANNED),
     trainers=st.sampled_from([1, 2, 3]),
     lead=st.integers(0, 4),
     extra_horizon=st.integers(0, 6),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bagpipe.config import ConfigError, RunConfig
-from bagpipe.job import run_job
+from bagpipe.runner.job import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bagpipe.wire import KIND_CREDIT, Plan, WireError, decode_control, decode_plan, encode_control, encode_plan
+from bagpipe.wire import (KIND_CREDIT, Credit, End, Error, Hello, Plan, WireError, decode_control, decode_plan,
+                          encode_control, encode_plan)
 
 
 def _plan(i: int = 3, rank: int = 1) -> Plan:
@@ -56,6 +57,30 @@ def test_wrong_iteration_rank_or_job_is_refused():
     assert decode_plan(later, "job", rank=1, iteration=3, epoch=2).iteration == 3
 
 
-def test_control_messages():
-    kind, header = decode_control([bytes(f) for f in encode_control(KIND_CREDIT, "j", rank=2, iteration=5)], "j")
-    assert kind == KIND_CREDIT and header["iteration"] == 5 and header["rank"] == 2
+@pytest.mark.parametrize("msg", [Hello(rank=1), Credit(rank=2, iteration=5, written_through=3), End(rank=0),
+                                 Error(rank=1, message="disk full")])
+def test_control_messages_round_trip_typed(msg):
+    frames = [bytes(f) for f in encode_control(msg, "j")]
+    assert decode_control(frames, "j") == msg
+
+
+def test_control_messages_with_wrong_fields_are_refused():
+    frames = [bytes(f) for f in encode_control(Credit(rank=2, iteration=5, written_through=3), "j")]
+    frames[1] = frames[1].replace(b'"iteration":5', b'"iteration":"5"')
+    with pytest.raises(WireError, match="field 'iteration' is '5'"):
+        decode_control(frames, "j")
+    frames = [bytes(f) for f in encode_control(Credit(rank=2, iteration=5, written_through=3), "j")]
+    frames[1] = frames[1].replace(b'"rank":2,', b"")
+    with pytest.raises(WireError, match="field 'rank' is None"):
+        decode_control(frames, "j")
+    assert frames[0] == KIND_CREDIT
+
+
+def test_a_plan_is_not_a_control_message():
+    with pytest.raises(WireError, match="expected a control message"):
+        decode_control(_frames(_plan()), "job")
+
+
+def test_long_error_messages_are_cut():
+    frames = [bytes(f) for f in encode_control(Error(rank=0, message="x" * 10_000), "j")]
+    assert len(decode_control(frames, "j").message) == 500

@@ -24,9 +24,10 @@ class SlotCache:
     """Rows in slots, row-wise SGD or Adagrad applied in place."""
 
     def __init__(self, slots: int, dim: int, state_width: int, device: torch.device,
-                 optimizer: str, lr: float, eps: float) -> None:
+                 optimizer: str, lr: float, eps: float, limit: int | None = None) -> None:
         self.dim, self.state_width, self.device = dim, state_width, device
         self.optimizer, self.lr, self.eps = optimizer, lr, eps
+        self.limit = limit  # most slots it may ever hold (cache_rows for a bounded policy)
         self.rows = torch.zeros(slots, dim + state_width, dtype=torch.float32, device=device)
 
     @property
@@ -34,9 +35,14 @@ class SlotCache:
         return self.dim + self.state_width
 
     def ensure_slots(self, slots: int) -> None:
-        """Grow the slot table (for policies without a capacity bound)."""
+        """Grow the slot table to at least ``slots`` (doubling, so growth is amortised, up to ``limit``)."""
         if slots > self.rows.shape[0]:
-            grown = torch.zeros(max(slots, 2 * self.rows.shape[0]), self.width, device=self.device)
+            if self.limit is not None and slots > self.limit:
+                raise ValueError(f"a plan needs {slots} cache slots; this cache holds at most {self.limit} "
+                                 "(config key 'cache_rows')")
+            size = max(slots, 2 * self.rows.shape[0])
+            grown = torch.zeros(size if self.limit is None else min(size, self.limit), self.width,
+                                dtype=torch.float32, device=self.device)
             grown[: self.rows.shape[0]] = self.rows
             self.rows = grown
 

@@ -10,14 +10,12 @@ never trains on a stale row).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
 
 import numpy as np
 
-from bagpipe.faults import Fault
 from bagpipe.store import EmbeddingStore
 
 
@@ -36,7 +34,12 @@ class _Block:
 
 
 class StoreIO:
-    """Asynchronous fetches (by fetch id) and write-backs for one trainer."""
+    """Asynchronous fetches (by fetch id) and write-backs for one trainer.
+
+    The worker's rules for write-backs and watermarks are methods
+    (``_handle_put``, ``_handle_mark``, ``_tick``) so that ``trainers.mutants``
+    can plant a fault or a bug by overriding one, chosen once at construction.
+    """
 
     def __init__(self, store: EmbeddingStore, wait_timeout_s: float = 60.0) -> None:
         self.store = store
@@ -53,13 +56,6 @@ class StoreIO:
         self.rows_fetched = 0
         self.rows_written = 0
         self.version_retries = 0
-        # Planted bug for `bagpipe check` (never set in normal runs): write-backs are held
-        # back three iterations and fetches ignore versions, i.e. fetch before the write-back.
-        self._mutant_stale = os.environ.get("BAGPIPE_MUTANT") == "fetch-before-writeback"
-        self._held: list[list[tuple]] = [[], [], [], []]
-        # Injected fault (bagpipe check): write-backs of one iteration land a second late.
-        self._fault = Fault.from_env()
-        self._late_puts: list[tuple[float, tuple]] = []  # (release time, put op)
         self._thread = threading.Thread(target=self._run, name="store-io", daemon=True)
         self._thread.start()
 
@@ -111,9 +107,7 @@ class StoreIO:
 
     def drain(self) -> None:
         """Wait until every issued operation has run."""
-        if self._mutant_stale:
-            for _ in self._held:
-                self._submit(("mark", self.written_through))
+        self._before_drain()
         deadline = time.monotonic() + max(self.wait_timeout_s, 60.0)
         with self._cv:
             while self._ops or self._pending_writes:
@@ -145,34 +139,21 @@ class StoreIO:
             while True:
                 with self._cv:
                     while not self._ops and not self._closed:
-                        self._cv.wait(0.05 if self._late_puts else None)
-                        if self._late_puts:
-                            break
-                    if not self._ops:
-                        if self._late_puts:
-                            self._release_late_puts()
-                            continue
+                        if self._cv.wait(self._poll_s()) is False and self._poll_s() is not None:
+                            break  # a timed wake-up: let _tick run
+                    if not self._ops and self._closed:
                         return
-                    op = self._ops[0]
-                self._release_late_puts()
+                    op = self._ops[0] if self._ops else None
+                self._tick()
+                if op is None:
+                    continue
                 kind = op[0]
                 if kind == "get":
                     self._get(*op[1:])
                 elif kind == "put":
-                    if self._mutant_stale:
-                        self._held[-1].append(op)
-                    elif self._fault is not None and self._fault.hits("writeback-delay", op[3]):
-                        self._late_puts.append((time.monotonic() + 1.0, op))
-                    else:
-                        self._put(op)
+                    self._handle_put(op)
                 else:
-                    if self._mutant_stale:
-                        for held in self._held[0]:
-                            self._put(held)
-                        self._held = self._held[1:] + [[]]
-                    # The watermark never passes a write-back that has not landed.
-                    late = min((p[3] for _, p in self._late_puts), default=op[1] + 1)
-                    self.written_through = min(op[1], late - 1)
+                    self._handle_mark(op[1])
                 with self._cv:
                     self._ops.popleft()
                     self._cv.notify_all()
@@ -181,12 +162,21 @@ class StoreIO:
                 self._error = exc
                 self._cv.notify_all()
 
-    def _release_late_puts(self) -> None:
-        now = time.monotonic()
-        due = [p for t, p in self._late_puts if t <= now]
-        self._late_puts = [(t, p) for t, p in self._late_puts if t > now]
-        for op in due:
-            self._put(op)
+    def _before_drain(self) -> None:
+        """Called when the trainer starts waiting for everything issued."""
+
+    def _poll_s(self) -> float | None:
+        """How long the idle worker sleeps before ``_tick`` (None: until an operation comes)."""
+        return None
+
+    def _tick(self) -> None:
+        """Called before each operation and on timed wake-ups."""
+
+    def _handle_put(self, op: tuple) -> None:
+        self._put(op)
+
+    def _handle_mark(self, iteration: int) -> None:
+        self.written_through = iteration
 
     def _put(self, op: tuple) -> None:
         _, keys, values, version = op
@@ -196,8 +186,6 @@ class StoreIO:
             self._pending_writes -= 1
 
     def _get(self, first_id: int, keys: np.ndarray, min_versions: np.ndarray) -> None:
-        if self._mutant_stale:
-            min_versions = np.full_like(min_versions, -1)
         values, versions = self.store.get(keys)
         deadline = time.monotonic() + self.wait_timeout_s
         stale = np.flatnonzero(versions < min_versions)
@@ -210,7 +198,7 @@ class StoreIO:
                                    f"{int(min_versions[stale[0]])} after {self.wait_timeout_s}s (write-back lost?)")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
-            self._release_late_puts()  # (injected fault) our own late write-back may be the one awaited
+            self._tick()
             self.version_retries += len(stale)
             v2, ver2 = self.store.get(keys[stale])
             values[stale], versions[stale] = v2, ver2

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,10 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from bagpipe.checkpoint import CheckpointError
-from bagpipe.config import ConfigError, RunConfig
+from bagpipe.config import ConfigError, RunConfig, capacity_message
+from bagpipe.dataset import Dataset, DatasetError
+from bagpipe.keys import distinct_rows_per_trainer
 from bagpipe.log import init_logger
-from bagpipe.procs import new_session_dying_with_parent
+from bagpipe.procs import child_setup, free_port
 from bagpipe.rendezvous import Rendezvous, RendezvousError
+from bagpipe.rundir import RunDir
 from bagpipe.servers import ServersError
 from bagpipe.store import StoreError
 
@@ -36,12 +38,6 @@ log = logging.getLogger("bagpipe")
 
 class JobError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -73,12 +69,12 @@ def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
 def _spawn(name: str, cmd: list[str], log_path: Path) -> Child:
     out = open(log_path, "ab")
     # A new session per child, so stopping it reaches its own children (torchrun's ranks).
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=new_session_dying_with_parent)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=child_setup())
     out.close()
     return Child(name, proc)
 
 
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
+def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> int:
     """Write the run's config and a new job id; returns the first iteration to run."""
     from bagpipe.checkpoint import Checkpoints, fingerprint, load_manifest
 
@@ -87,18 +83,18 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
                           "run `bagpipe data prepare` first")
     start = 0
     if resume:
-        latest = Checkpoints(run_dir).latest()
+        latest = Checkpoints(run.path).latest()
         if latest is None:
-            raise JobError(f"--resume: no checkpoint in {run_dir}/checkpoints (config key 'checkpoint_every' "
+            raise JobError(f"--resume: no checkpoint in {run.checkpoints} (config key 'checkpoint_every' "
                            f"is {cfg.checkpoint_every})")
         data_hash = json.loads((Path(cfg.data) / "meta.json").read_text()).get("content_hash", "")
         manifest = load_manifest(latest, fingerprint(cfg.to_dict(), data_hash))
         start = manifest["iteration"] + 1
         log.info("resuming from the checkpoint after iteration %d (%s)", manifest["iteration"], latest.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_run_files(run_dir, cfg, uuid.uuid4().hex)
+    run.create()
+    _write_run_files(run, cfg, uuid.uuid4().hex)
     if not resume:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
     return start
 
 
@@ -112,31 +108,31 @@ def _preflight(cfg: RunConfig) -> None:
     ``PREFLIGHT_BATCHES`` here, so the common mistake is named before any
     process starts, with the smallest workable size.
     """
-    if cfg.policy in ("local", "none", "bagpipe-original"):
-        return  # no capacity bound to respect
-    from data.reader import Dataset
-    from oracle.planner import batch_keys
-
-    sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
+    rules = cfg.rules
+    try:
+        dataset = Dataset(cfg.data)
+    except DatasetError as exc:
+        raise ConfigError(f"config key 'data': {exc}") from None
+    sparse = dataset.sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
     iterations = min(cfg.iterations or len(sparse), len(sparse))
     if cfg.iterations > len(sparse):
         raise ConfigError(f"config key 'iterations': {cfg.iterations} > {len(sparse)} full batches of "
                           f"{cfg.batch_size} in {cfg.epochs} epoch(s) of {cfg.data} (raise 'epochs')")
-    local_b = cfg.batch_size // cfg.trainers
-    if cfg.cache_rows >= local_b * len(Dataset(cfg.data).tables):
+    if not rules.planned or not rules.bounded:
+        return  # no capacity bound to respect
+    if cfg.cache_rows >= cfg.local_batch * len(dataset.tables):
         return  # a trainer's whole batch fits, whatever the data
-    need = 0
+    worst = (0, 0, 0)  # (distinct rows, trainer, iteration)
     for i in range(min(iterations, PREFLIGHT_BATCHES)):
-        keys = batch_keys(sparse[i])
-        for t in range(cfg.trainers):
-            need = max(need, len(np.unique(keys[t * local_b:(t + 1) * local_b])))
+        counts = distinct_rows_per_trainer(sparse[i], cfg.trainers)
+        t = int(np.argmax(counts))
+        worst = max(worst, (int(counts[t]), -t, -i))
+    need, t, i = worst[0], -worst[1], -worst[2]
     if cfg.cache_rows < need:
-        raise ConfigError(f"config key 'cache_rows': {cfg.cache_rows} is too small: a trainer reads up to {need} "
-                          f"distinct rows in one of the first {min(iterations, PREFLIGHT_BATCHES)} iterations; "
-                          f"the smallest workable cache_rows is at least {need}")
+        raise ConfigError(capacity_message(cfg.cache_rows, t, need, i, need, at_least=True))
 
 
-def _fill_store(cfg: RunConfig, urls: list[str], run_dir: Path, start: int, cluster_url: str | None) -> None:
+def _fill_store(cfg: RunConfig, urls: list[str], run: RunDir, start: int, cluster_url: str | None) -> None:
     """A fresh job starts from an empty store; a resumed one from its checkpoint's rows."""
     from bagpipe.checkpoint import Checkpoints, read_rows
     from bagpipe.store import EmbeddingStore
@@ -146,7 +142,7 @@ def _fill_store(cfg: RunConfig, urls: list[str], run_dir: Path, start: int, clus
         store.flush_all()
         if start > 0:
             rows = 0
-            for keys, values in read_rows(Checkpoints(run_dir).latest()):
+            for keys, values in read_rows(Checkpoints(run.path).latest()):
                 if values.shape[1] != store.width:
                     raise JobError(f"the checkpoint holds rows of {values.shape[1]} floats; this job expects "
                                    f"{store.width} (config keys 'embedding_dim' and 'optimizer')")
@@ -195,8 +191,8 @@ class LaunchConfig:
             raise ConfigError("--join-timeout must be > 0")
 
     def shards_here(self, cfg: RunConfig) -> int:
-        if cfg.policy == "local":
-            return 0
+        if not cfg.rules.planned:
+            return 0  # every row lives in the trainers
         if self.shards_per_node >= 0:
             return self.shards_per_node
         external = self.redis_urls or cfg.redis_urls or cfg.redis_cluster_url
@@ -212,7 +208,8 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
     launch = launch or LaunchConfig()
     master = launch.node_rank == 0
     single = launch.nnodes == 1
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(run_dir)
+    run.create()
     started = time.perf_counter()
     rdzv_port = launch.rendezvous_port or (free_port(launch.master_addr) if single else launch.master_port + 1)
     rdzv = Rendezvous(launch.master_addr, rdzv_port, master, launch.join_timeout_s)
@@ -225,14 +222,14 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             if launch.nproc_per_node:
                 cfg = cfg.replace(trainers=launch.nnodes * launch.nproc_per_node)
             _preflight(cfg)
-            start = _prepare_run_dir(cfg, run_dir, resume)
-            job = {"config": cfg.to_dict(), "job_id": (run_dir / "job_id").read_text(), "start": start}
+            start = _prepare_run_dir(cfg, run, resume)
+            job = {"config": cfg.to_dict(), "job_id": run.job_id(), "start": start}
             rdzv.publish("job", job)
         else:
             job = rdzv.get("job", who=f"the job description from node 0 ({launch.master_addr})")
             cfg = RunConfig.from_dict(job["config"])
             start = job["start"]
-            _write_run_files(run_dir, cfg, job["job_id"])
+            _write_run_files(run, cfg, job["job_id"])
         # 2. Every node starts the shards it was asked for and says where they are.
         shards = launch.shards_here(cfg)
         urls: list[str] = []
@@ -241,7 +238,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             from bagpipe.servers import RedisClusterServers, RedisServers
 
             store_cfg = dataclasses.replace(cfg.store_config(), shards=shards, host=launch.host)
-            servers = (RedisClusterServers if cfg.redis_cluster else RedisServers)(store_cfg, run_dir / "redis")
+            servers = (RedisClusterServers if cfg.redis_cluster else RedisServers)(store_cfg, run.redis)
             servers.start()
             urls = list(servers.urls)
             if cfg.redis_cluster:
@@ -251,7 +248,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         # 3. Node 0 gathers the shards, fills the store, starts the oracle and publishes the endpoints.
         if master:
             endpoints = {"redis": [], "redis_cluster_url": cfg.redis_cluster_url, "oracle": ""}
-            if cfg.policy != "local":
+            if cfg.rules.planned:
                 endpoints["redis"] = list(launch.redis_urls or cfg.redis_urls) or (
                     [cfg.redis_cluster_url] if cfg.redis_cluster_url else [])
                 for r in range(launch.nnodes):
@@ -260,17 +257,17 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
                     endpoints["redis_cluster_url"] = endpoints["redis_cluster_url"] or node_shards["cluster_url"]
                 if not endpoints["redis"]:
                     raise JobError("no embedding servers: give --redis URL or --shards-per-node S")
-                _fill_store(cfg, endpoints["redis"], run_dir, start, endpoints["redis_cluster_url"])
+                _fill_store(cfg, endpoints["redis"], run, start, endpoints["redis_cluster_url"])
                 host = launch.host if not single else cfg.oracle_bind.split("//", 1)[-1].rsplit(":", 1)[0]
                 port = int(cfg.oracle_bind.rsplit(":", 1)[-1]) or free_port(host)
                 endpoints["oracle"] = f"tcp://{host}:{port}"
                 children.append(_spawn("oracle", [sys.executable, "-m", "bagpipe", "oracle", "--run-dir",
                                                   str(run_dir), "--endpoint", endpoints["oracle"],
-                                                  "--first-iteration", str(start)], run_dir / "oracle.log"))
+                                                  "--first-iteration", str(start)], run.log("oracle")))
             rdzv.publish("endpoints", endpoints)
         else:
             endpoints = rdzv.get("endpoints", who="the endpoints from node 0")
-        (run_dir / "endpoints.json").write_text(json.dumps(endpoints))
+        run.write_endpoints(endpoints)
         # 4. torchrun for this node's trainers.
         nproc = launch.nproc_per_node or cfg.trainers
         master_port = launch.master_port or free_port(launch.master_addr)
@@ -278,25 +275,25 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
                        "--node-rank", str(launch.node_rank), "--nproc-per-node", str(nproc),
                        "--master-addr", launch.master_addr, "--master-port", str(master_port),
                        "--module", "trainers.trainer", "--run-dir", str(run_dir), "--first-iteration", str(start)]
-        children.append(_spawn("trainers", trainer_cmd, run_dir / "trainers.log"))
+        children.append(_spawn("trainers", trainer_cmd, run.log("trainers")))
         # Every pid this node started, for operators and for tests that check nothing is left behind.
         pids = {c.name: c.proc.pid for c in children}
         if servers is not None:
             pids.update({f"redis{i}": pid for i, pid in enumerate(servers.pids)})
-        (run_dir / "pids.json").write_text(json.dumps(pids))
+        run.write_pids(pids)
         try:
-            _watch(children, run_dir, quiet, lambda: _other_node_failed(rdzv, launch))
+            _watch(children, run, quiet, lambda: _other_node_failed(rdzv, launch))
         except JobError as exc:
             rdzv.publish(f"failed/{launch.node_rank}", str(exc).splitlines()[0])
             raise
         # 5. Results: every node hands its ranks' figures to node 0; shards stay up until node 0 is done.
-        mine = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank*.json"))]
+        mine = run.rank_results()
         rdzv.publish(f"ranks/{launch.node_rank}", mine)
         if master:
             ranks = []
             for r in range(launch.nnodes):
                 ranks += rdzv.get(f"ranks/{r}", who=f"the results of node {r}")
-            metrics = _merge_metrics(cfg, ranks, run_dir, time.perf_counter() - started)
+            metrics = _merge_metrics(cfg, ranks, run, time.perf_counter() - started)
             rdzv.publish("finished", True)
             # The rendezvous store lives in this process: keep it until every node has seen the end.
             for r in range(1, launch.nnodes):
@@ -315,12 +312,10 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         log.debug("%s stopped everything it started", node)
 
 
-def _write_run_files(run_dir: Path, cfg: RunConfig, job_id: str) -> None:
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    (run_dir / "job_id").write_text(job_id)
-    for old in (list(run_dir.glob("rank*.json")) + list(run_dir.glob("rank*.pid"))
-                + [run_dir / "model.pt", run_dir / "metrics.json"]):
-        old.unlink(missing_ok=True)
+def _write_run_files(run: RunDir, cfg: RunConfig, job_id: str) -> None:
+    run.write_config(cfg.to_dict())
+    run.write_job_id(job_id)
+    run.clear_results()
 
 
 def _other_node_failed(rdzv: Rendezvous, launch: LaunchConfig) -> str | None:
@@ -345,10 +340,10 @@ def _wait_finished(rdzv: Rendezvous, launch: LaunchConfig) -> None:
     raise JobError(f"node 0 did not finish within {deadline:g}s after this node's trainers")
 
 
-def _watch(children: list[Child], run_dir: Path, quiet: bool, elsewhere=lambda: None) -> None:
+def _watch(children: list[Child], run: RunDir, quiet: bool, elsewhere=lambda: None) -> None:
     """Wait for the trainers; stop at the first child that fails (or other node), naming it."""
     trainers = children[-1]
-    log_path = run_dir / "trainers.log"
+    log_path = run.log("trainers")
     shown = 0
     while True:
         if not quiet and log_path.exists():
@@ -367,7 +362,7 @@ def _watch(children: list[Child], run_dir: Path, quiet: bool, elsewhere=lambda: 
             failed = sorted((c for c in children if _failed(c, trainers)), key=lambda c: c is not trainers)
             parts = []
             for c in failed:
-                lines = (run_dir / f"{c.name}.log").read_text(errors="replace").strip().splitlines()
+                lines = run.log(c.name).read_text(errors="replace").strip().splitlines()
                 # The process's own reason first (its ERROR lines), then the end of its log.
                 reasons = [ln for ln in lines if " ERROR " in ln][:3]
                 tail = reasons + [ln for ln in lines[-8:] if ln not in reasons]
@@ -387,7 +382,7 @@ def _failed(c: Child, trainers: Child) -> bool:
     return rc is not None and (rc != 0 or (c is not trainers and c.name != "oracle"))
 
 
-def _merge_metrics(cfg: RunConfig, ranks: list[dict], run_dir: Path, wall_s: float) -> dict:
+def _merge_metrics(cfg: RunConfig, ranks: list[dict], run: RunDir, wall_s: float) -> dict:
     ranks = sorted(ranks, key=lambda r: r["rank"])
     if [r["rank"] for r in ranks] != list(range(cfg.trainers)):
         raise JobError(f"results came from ranks {[r['rank'] for r in ranks]}, expected 0..{cfg.trainers - 1}")
@@ -412,16 +407,18 @@ def _merge_metrics(cfg: RunConfig, ranks: list[dict], run_dir: Path, wall_s: flo
         "train_logloss": ranks[0]["train_logloss"],
         "eval_auc": ranks[0].get("eval_auc"),
         "eval_logloss": ranks[0].get("eval_logloss"),
+        "eval_ne": ranks[0].get("eval_ne"),
         "eval_history": ranks[0].get("eval_history", []),
         "rows_fetched": sum(r["rows_fetched"] for r in ranks),
         "rows_written_back": sum(r["rows_written_back"] for r in ranks),
         "stall_s": max(r["stall_s"] for r in ranks),
         "peak_rss_bytes": {f"trainer{r['rank']}": r["peak_rss_bytes"] for r in ranks},
         "stall_per_iteration": ranks[0]["stall_per_iteration"],
+        # The slowest rank's seconds per iteration in each phase of a step (trainers.step.PHASES).
+        "trainer_phase_s": {p: max(r["phase_s_per_iteration"][p] for r in ranks)
+                            for p in ranks[0]["phase_s_per_iteration"]},
     }
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, run_dir / "metrics.json")
+    run.write_metrics(metrics)
     return metrics
 
 
@@ -469,9 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                               shards_per_node=args.shards_per_node, join_timeout_s=args.join_timeout,
                               redis_urls=tuple(args.redis))
         if args.resume:
-            if args.run_dir is None or not (args.run_dir / "config.json").exists():
+            if args.run_dir is None or not RunDir(args.run_dir).has_config():
                 raise JobError("--resume needs the --run-dir of an earlier run (with its config.json)")
-            saved = json.loads((args.run_dir / "config.json").read_text())
+            saved = RunDir(args.run_dir).read_config()
             cfg = RunConfig.load(args.config, args.set, base=None if args.config else saved)
         else:
             cfg = RunConfig.load(args.config, args.set)

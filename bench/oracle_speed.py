@@ -1,6 +1,6 @@
 """Planner speed and memory beside the trainers' consumption of ids.
 
-    .venv/bin/python bench/oracle.py [--batch-size 4096] [--iterations 30] [--trainers 2]
+    .venv/bin/python bench/oracle_speed.py [--batch-size 4096] [--iterations 30] [--trainers 2]
                                      [--planner fast|reference] [--ack-lag N] [--repeats 3]
 
 Prints ids planned per second by the ``bagpipe`` policy (the compiled
@@ -20,14 +20,10 @@ iterations behind the plan, as trainers' credits do in a real job.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 import tracemalloc
 
-# Run as a script, Python puts bench/ first on the path, where this file would shadow
-# the `oracle` package: import the project from the repository root instead.
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import numpy as np
 import torch

@@ -10,12 +10,12 @@ import sys
 
 # subcommand -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("bagpipe.job", "run a training job (servers, oracle, trainers) on this node"),
-    "export": ("bagpipe.export", "write the trained model of a run directory to a file"),
+    "run": ("bagpipe.runner.job", "run a training job (servers, oracle, trainers) on this node"),
+    "export": ("bagpipe.runner.export", "write the trained model of a run directory to a file"),
     "simulate": ("oracle.simulate", "count fetches and write-backs of each policy offline"),
     "oracle": ("oracle.process", "run the Oracle Cacher process (started by `run`)"),
     "trainer": ("trainers.trainer", "run one trainer rank (started by `run` through torchrun)"),
-    "check": ("bagpipe.check", "check that cached training equals synchronous training"),
+    "check": ("bagpipe.runner.check", "check that cached training equals synchronous training"),
     "bench": ("bench.policies", "benchmark the policies side by side"),
     "servers": ("bagpipe.servers", "start redis-server shards and wait (for multi-node jobs)"),
     "keys": ("bagpipe.curve", "write CURVE key pairs that encrypt and authenticate the plan stream"),

@@ -1,6 +1,6 @@
 """Data pipeline speed: synthesis, `prepare` and the batch reader, in rows per second.
 
-    .venv/bin/python bench/data.py [--rows 1000000] [--batch-size 4096] [--auc-rows 200000]
+    .venv/bin/python bench/data_speed.py [--rows 1000000] [--batch-size 4096] [--auc-rows 200000]
 
 Synthesises N Criteo-format rows into a temporary directory, prepares them
 (1M hash buckets, 5% eval split), then reads every full global batch in
@@ -20,16 +20,14 @@ import sys
 import tempfile
 import time
 
-# Run as a script, Python puts bench/ first on the path, where this file would shadow
-# the `data` package: import the project from the repository root instead.
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import numpy as np
 
 from bagpipe.log import init_logger
 from data.prepare import PrepareConfig, prepare
-from data.reader import Dataset
-from data.synth import SynthConfig, auc, synthesise
+from bagpipe.dataset import Dataset
+from bagpipe.metrics import auc
+from data.synth import SynthConfig, synthesise
 
 
 def read_rate(reader) -> tuple[float, float]:

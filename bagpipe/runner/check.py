@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from bagpipe.config import ConfigError, RunConfig
+from bagpipe.dataset import Dataset
+from bagpipe.keys import batch_keys, distinct_rows_per_trainer
 from bagpipe.log import init_logger
 
 log = logging.getLogger("bagpipe")
@@ -108,7 +110,7 @@ def verdict(cmp: Comparison, exact: bool) -> bool:
     return cmp.worst_rel() <= MULTI_RTOL
 
 
-def matrix(name: str, base: RunConfig, min_cache: int, all_rows: int) -> list[Variation]:
+def matrix(name: str, base: RunConfig, min_cache: dict[int, int], all_rows: int) -> list[Variation]:
     """The variations to run; ``small`` fits in make test, ``full`` covers every axis."""
     v = [Variation(f"policy={p}", {"policy": p, "trainers": 1})
          for p in ("none", "lru", "lfu", "lru-prefetch", "static", "bagpipe", "bagpipe-original")]
@@ -116,7 +118,8 @@ def matrix(name: str, base: RunConfig, min_cache: int, all_rows: int) -> list[Va
         Variation("bagpipe trainers=2", {"policy": "bagpipe", "trainers": 2}),
         Variation("bagpipe trainers=3", {"policy": "bagpipe", "trainers": 3}),
         Variation("local trainers=2", {"policy": "local", "trainers": 2}),
-        Variation(f"bagpipe cache_rows={min_cache} (one batch)", {"policy": "bagpipe", "trainers": 2, "cache_rows": min_cache}),
+        Variation(f"bagpipe cache_rows={min_cache[2]} (one batch)", {"policy": "bagpipe", "trainers": 2,
+                                                                    "cache_rows": min_cache[2]}),
         Variation(f"bagpipe cache_rows={all_rows} (all fit)", {"policy": "bagpipe", "trainers": 1, "cache_rows": all_rows}),
         Variation("bagpipe lead=0 horizon=0", {"policy": "bagpipe", "trainers": 1, "lead": 0, "horizon": 0}),
         Variation("bagpipe lead=4 horizon=16", {"policy": "bagpipe", "trainers": 2, "lead": 4, "horizon": 16}),
@@ -136,45 +139,46 @@ def matrix(name: str, base: RunConfig, min_cache: int, all_rows: int) -> list[Va
         Variation("FAULT plan buffer corrupted", {"policy": "bagpipe", "trainers": 2}, fault="plan-corrupt",
                   caught_by="checksum mismatch"),
         Variation("FAULT write-back lands after the next fetch", {"policy": "lru", "trainers": 1,
-                                                                   "cache_rows": min_cache},
+                                                                   "cache_rows": min_cache[1]},
                   fault="writeback-delay"),
         Variation("FAULT slow store (2 ms a round trip)", {"policy": "bagpipe", "trainers": 2,
                                                          "store_latency_us": 2000}),
         Variation("MUTANT skip gradient combine", {"policy": "bagpipe", "trainers": 2}, mutant="skip-sync"),
-        Variation("MUTANT fetch before write-back", {"policy": "lru", "trainers": 1, "cache_rows": min_cache},
+        Variation("MUTANT fetch before write-back", {"policy": "lru", "trainers": 1, "cache_rows": min_cache[1]},
                   mutant="fetch-before-writeback"),
     ]
     if name == "full":
         v += [Variation(f"policy={p} trainers=3", {"policy": p, "trainers": 3})
               for p in ("none", "lru", "lfu", "lru-prefetch", "static", "bagpipe-original")]
         v += [
-            Variation("bagpipe trainers=3 cache=one batch", {"policy": "bagpipe", "trainers": 3, "cache_rows": min_cache}),
+            Variation("bagpipe trainers=3 cache=one batch", {"policy": "bagpipe", "trainers": 3,
+                                                                   "cache_rows": min_cache[3]}),
             Variation("bagpipe sgd trainers=3 lead=1", {"policy": "bagpipe", "trainers": 3, "optimizer": "sgd", "lead": 1, "horizon": 2}),
             Variation("bagpipe dcn trainers=2", {"policy": "bagpipe", "trainers": 2, "model": "dcn"}),
         ]
     return v
 
 
-def _sizes(cfg: RunConfig) -> tuple[int, int]:
-    """(smallest workable cache, distinct rows) per trainer for this config's batches."""
-    from data.reader import Dataset
-    from oracle.planner import batch_keys
-
+def _sizes(cfg: RunConfig, trainer_counts: tuple[int, ...]) -> tuple[dict[int, int], int]:
+    """The smallest workable cache per trainer count (the most distinct rows one trainer reads in
+    one iteration) and the distinct rows of the whole run, for this config's batches."""
     sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
     iterations = cfg.iterations or len(sparse)
-    most, seen = 0, set()
+    most = {n: 0 for n in trainer_counts}
+    seen: set[int] = set()
     for i in range(iterations):
-        keys = batch_keys(sparse[i])
-        most = max(most, len(np.unique(keys)))
-        seen.update(np.unique(keys).tolist())
+        rows = sparse[i]
+        for n in trainer_counts:
+            most[n] = max(most[n], int(distinct_rows_per_trainer(rows, n).max()))
+        seen.update(np.unique(batch_keys(rows)).tolist())
     return most, len(seen)
 
 
 def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | None = None) -> list[dict]:
-    from bagpipe.export import load_model
-    from bagpipe.job import run_job
+    from bagpipe.runner.export import load_model
+    from bagpipe.runner.job import run_job
 
-    min_cache, all_rows = _sizes(cfg)
+    min_cache, all_rows = _sizes(cfg, (1, 2, 3))
     results = []
     references: dict[tuple[str, str], dict] = {}
 

@@ -1,6 +1,6 @@
 """Embedding store throughput beside the ceiling Redis itself gives on the same machine.
 
-    .venv/bin/python bench/store.py [--rows 1000000] [--dim 64] [--shards 1,2,4] [--repeat 3] [--layouts]
+    .venv/bin/python bench/store_speed.py [--rows 1000000] [--dim 64] [--shards 1,2,4] [--repeat 3] [--layouts]
 
 For each shard count S it starts S local redis-server processes and times
 ``EmbeddingStore.put`` and ``.get`` of N random rows (dim floats + 1 Adagrad
@@ -29,8 +29,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-# Run as a script, Python puts bench/ first on the path: import the project from the repository root.
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import numpy as np
 import redis
@@ -220,7 +218,7 @@ def bench_layouts(n: int, width: int, workdir: pathlib.Path, batch: int = 4096) 
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/store.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bench/store_speed.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--shards", default="1,2,4", help="comma-separated shard counts")
@@ -234,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(list(sys.argv[1:] if argv is None else argv))
     init_logger("bench", level="WARNING")
     width = args.dim + 1  # row-wise Adagrad: one state float per row
-    print(f"# bench/store.py {' '.join(sys.argv[1:])}  ({datetime.datetime.now():%Y-%m-%d %H:%M}, "
+    print(f"# bench/store_speed.py {' '.join(sys.argv[1:])}  ({datetime.datetime.now():%Y-%m-%d %H:%M}, "
           f"{platform.node()}, {os.cpu_count()} cores, redis-py {redis.__version__})")
     with tempfile.TemporaryDirectory(prefix="bagpipe-bench-store-") as tmp:
         workdir = pathlib.Path(tmp)

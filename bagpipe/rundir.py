@@ -1,0 +1,138 @@
+"""The run directory: the one module that knows its files.
+
+Every process of a job meets the others here (besides the sockets): the
+runner writes the config, the job id and the endpoints; each trainer writes
+its pid and its results; rank 0 writes the model; the runner merges the
+metrics. Writes are atomic (a temporary file renamed into place), so a
+reader never sees half a file, and a crash leaves the previous one.
+
+    config.json       the job's RunConfig (node 0 writes it; every process reads it)
+    job_id            a fresh id per launch; every wire message names it
+    endpoints.json    where the embedding servers and the oracle listen
+    pids.json         every process this node started, by name
+    rank<r>.pid       trainer r's pid;  rank<r>.json  its results
+    model.pt          the trained model (dense state_dict, every touched row)
+    metrics.json      the merged results;  oracle_stats.json  the planner's counters
+    <name>.log        each child's output (oracle, trainers)
+    redis/            the shards this node started;  checkpoints/  see bagpipe.checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``path`` whole or not at all (a temporary file beside it, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """The files of one run directory (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------ paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def redis(self) -> Path:
+        return self.path / "redis"
+
+    def log(self, name: str) -> Path:
+        """The output of the child called ``name`` (``oracle``, ``trainers``)."""
+        return self.path / f"{name}.log"
+
+    def rank_result_path(self, rank: int) -> Path:
+        return self.path / f"rank{rank}.json"
+
+    # ------------------------------------------------------------ contents
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def has_config(self) -> bool:
+        return self.config_path.exists()
+
+    def write_config(self, values: dict[str, Any]) -> None:
+        write_atomic(self.config_path, json.dumps(values, indent=1))
+
+    def read_config(self) -> dict[str, Any]:
+        return json.loads(self.config_path.read_text())
+
+    def write_job_id(self, job_id: str) -> None:
+        write_atomic(self.path / "job_id", job_id)
+
+    def job_id(self) -> str:
+        return (self.path / "job_id").read_text().strip()
+
+    def write_endpoints(self, endpoints: dict[str, Any]) -> None:
+        write_atomic(self.path / "endpoints.json", json.dumps(endpoints))
+
+    def endpoints(self) -> dict[str, Any]:
+        return json.loads((self.path / "endpoints.json").read_text())
+
+    def write_pids(self, pids: dict[str, int]) -> None:
+        write_atomic(self.path / "pids.json", json.dumps(pids))
+
+    def pids(self) -> dict[str, int]:
+        return json.loads((self.path / "pids.json").read_text())
+
+    def write_rank_pid(self, rank: int, pid: int) -> None:
+        write_atomic(self.path / f"rank{rank}.pid", str(pid))
+
+    def write_rank_result(self, rank: int, result: dict[str, Any]) -> None:
+        write_atomic(self.rank_result_path(rank), json.dumps(result))
+
+    def rank_results(self) -> list[dict[str, Any]]:
+        """Every trainer result this node's ranks wrote, in rank order."""
+        found = [(int(p.stem[4:]), p) for p in self.path.glob("rank*.json") if p.stem[4:].isdigit()]
+        return [json.loads(p.read_text()) for _, p in sorted(found)]
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        write_atomic(self.metrics_path, json.dumps(metrics, indent=1))
+
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_path.read_text())
+
+    def write_oracle_stats(self, stats: Any) -> None:
+        write_atomic(self.path / "oracle_stats.json", json.dumps(stats, indent=1))
+
+    def write_model(self, model: dict[str, Any]) -> None:
+        import torch
+
+        tmp = self.path / ".model.pt.tmp"
+        torch.save(model, tmp)
+        os.replace(tmp, self.model_path)
+
+    def clear_results(self) -> None:
+        """Forget an earlier launch's per-rank files, model and metrics (a new launch writes its own)."""
+        for old in (list(self.path.glob("rank*.json")) + list(self.path.glob("rank*.pid"))
+                    + [self.model_path, self.metrics_path]):
+            old.unlink(missing_ok=True)
