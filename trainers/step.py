@@ -113,7 +113,7 @@ class Step:
         times["optimizer"], t = clock() - t, clock()
         written = emb.after_step(i, plan)
         times["evict"] = clock() - t
-        return StepResult(loss=float(loss) * self.global_batch / len(batch.labels), rows_read=int(uniq.numel()),
+        return StepResult(loss=float(loss.detach()) * self.global_batch / len(batch.labels), rows_read=int(uniq.numel()),
                           rows_fetched=len(plan.fetch_keys), rows_written_back=written, stall_s=stall, times=times)
 
     def join(self, plan: Plan, emb: Embeddings) -> None:
