@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bagpipe.placement import MODES as PLACEMENT_MODES
 from bagpipe.policies import NAMES as POLICIES, policy as policy_row
 
 OPTIMIZERS = ("sgd", "adagrad")
+STORE_IO = ("agent", "thread")
 MODELS = ("dlrm", "dcn")
 
 
@@ -164,8 +166,15 @@ class TrainerConfig:
     checkpoint_every: int = 0
     plan_timeout_s: float = 120.0
     curve_dir: str = ""
+    store_io: str = "agent"  # agent: a process of its own (trainers.storeagent); thread: in the trainer
+    staging_mib: int = 32  # each shared-memory ring between a trainer and its store agent
 
     def __post_init__(self) -> None:
+        _require(self.store_io in STORE_IO, "store_io", f"'{self.store_io}' is not one of {', '.join(STORE_IO)}")
+        _require(self.staging_mib >= 1, "staging_mib", f"must be >= 1, got {self.staging_mib}")
+        self._check_common()
+
+    def _check_common(self) -> None:
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         _require(self.threads >= 0, "trainer_threads", "must be >= 0 (0: automatic)")
@@ -205,7 +214,10 @@ class RunConfig:
     eval_batches: int = 8
     checkpoint_every: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    trainer_threads: int = 0  # torch threads per trainer; 0: the cores divided among the trainers
+    trainer_threads: int = 0  # torch threads per trainer; 0: its placed cores, else the cores divided among trainers
+    cpu_placement: str = "auto"  # auto: trainers on cores of their own, the rest on the others (bagpipe.placement)
+    store_io: str = "agent"
+    staging_mib: int = 32
     redis_host: str = "127.0.0.1"
     redis_base_port: int = 0
     redis_urls: tuple[str, ...] = ()
@@ -225,6 +237,8 @@ class RunConfig:
         # owns it, built here once (trainers and their share of a batch: the oracle's).
         _require(self.iterations >= 0, "iterations", "must be >= 0")
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.cpu_placement in PLACEMENT_MODES, "cpu_placement",
+                 f"'{self.cpu_placement}' is not one of {', '.join(PLACEMENT_MODES)}")
         _require(not self.redis_cluster or self.shards >= 3, "shards",
                  f"a Redis Cluster (redis_cluster = true) needs at least 3 masters, got {self.shards}")
         self.oracle_config()
@@ -301,7 +315,7 @@ class RunConfig:
         return TrainerConfig(batch_size=self.batch_size, device=self.device, threads=self.trainer_threads,
                              dense_lr=self.dense_lr, eval_every=self.eval_every, eval_batches=self.eval_batches,
                              checkpoint_every=self.checkpoint_every, plan_timeout_s=self.plan_timeout_s,
-                             curve_dir=self.zmq_curve_dir)
+                             curve_dir=self.zmq_curve_dir, store_io=self.store_io, staging_mib=self.staging_mib)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(name=self.model, embedding_dim=self.embedding_dim,

@@ -27,9 +27,10 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
-def child_setup(new_session: bool = True) -> Callable[[], None]:
+def child_setup(new_session: bool = True, cpus: set[int] | None = None) -> Callable[[], None]:
     """A ``preexec_fn``: the child dies with this launcher and, by default, leads a new session
-    (so stopping it by its pid's group reaches its own children, e.g. torchrun's ranks).
+    (so stopping it by its pid's group reaches its own children, e.g. torchrun's ranks); with
+    ``cpus``, it and everything it starts run on those cores only.
 
     The kernel signals the child when the *thread* that forked it exits, so
     children should be started from a long-lived thread (the main thread).
@@ -39,6 +40,8 @@ def child_setup(new_session: bool = True) -> Callable[[], None]:
     def setup() -> None:
         if new_session:
             os.setsid()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
         _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
         if os.getppid() != parent:  # the launcher died before prctl took effect
             os._exit(1)

@@ -10,6 +10,7 @@ reader never sees half a file, and a crash leaves the previous one.
     job_id            a fresh id per launch; every wire message names it
     endpoints.json    where the embedding servers and the oracle listen
     pids.json         every process this node started, by name
+    placement.json    the cores of each local trainer and of the other processes (bagpipe.placement)
     rank<r>.pid       trainer r's pid;  rank<r>.json  its results
     model.pt          the trained model (dense state_dict, every touched row)
     metrics.json      the merged results;  oracle_stats.json  the planner's counters
@@ -120,6 +121,13 @@ class RunDir:
 
     def metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics_path.read_text())
+
+    def write_placement(self, placement: dict[str, Any]) -> None:
+        write_atomic(self.path / "placement.json", json.dumps(placement))
+
+    def placement(self) -> dict[str, Any]:
+        path = self.path / "placement.json"
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def write_oracle_stats(self, stats: Any) -> None:
         write_atomic(self.path / "oracle_stats.json", json.dumps(stats, indent=1))

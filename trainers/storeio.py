@@ -105,6 +105,20 @@ class StoreIO:
         if found != len(ids):
             raise StoreIOError(f"{len(ids) - found} of fetch ids {ids.tolist()[:8]}... were never issued or already used")
 
+    def pop_ready(self, timeout_s: float) -> list[tuple[int, np.ndarray]]:
+        """Hand over the fetched blocks that arrived, oldest first, as (first fetch id, rows): for a
+        caller that forwards them elsewhere (the store agent) instead of ``take``-ing them. Waits up
+        to ``timeout_s`` for the oldest one; raises the worker's error."""
+        with self._cv:
+            if not (self._blocks and self._blocks[0].values is not None):
+                self._cv.wait(timeout_s)
+            self._raise_if_failed()
+            out = []
+            while self._blocks and self._blocks[0].values is not None:
+                block = self._blocks.pop(0)
+                out.append((block.start, block.values))
+            return out
+
     def drain(self) -> None:
         """Wait until every issued operation has run."""
         self._before_drain()

@@ -29,6 +29,7 @@ from bagpipe.dataset import Dataset
 from bagpipe.keys import batch_keys, key_row, key_table
 from bagpipe.log import init_logger
 from bagpipe.metrics import evaluation
+from bagpipe.placement import Placement
 from bagpipe.procs import die_with_parent
 from bagpipe.rundir import RunDir
 from trainers.cache import SlotCache, slots_kjt
@@ -273,7 +274,8 @@ class Trainer:
         self.emb.close()
 
 
-def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, environ=os.environ) -> Trainer:
+def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, environ=os.environ,
+          placement: Placement | None = None) -> Trainer:
     """A trainer for this rank: its embeddings by the policy table, its step and store I/O by
     ``trainers.mutants.select`` (planted bugs and faults are chosen here, once)."""
     from trainers import mutants
@@ -301,7 +303,14 @@ def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, envir
         endpoints = run.endpoints()
         store = EmbeddingStore(cfg.store_config(endpoints.get("redis_cluster_url")), endpoints["redis"],
                                cfg.embedding_dim, cfg.state_width, table_sizes.tolist())
-        io = io_cls(store, wait_timeout_s=cfg.plan_timeout_s, **io_kwargs)
+        tc = cfg.trainer_config()
+        if tc.store_io == "agent":
+            from trainers.storeagent import StoreAgent
+
+            io = StoreAgent(str(run.path), comm.rank, store.width, cfg.plan_timeout_s, tc.staging_mib << 20,
+                            cpus=(placement or Placement()).service_cpus())
+        else:
+            io = io_cls(store, wait_timeout_s=cfg.plan_timeout_s, **io_kwargs)
         client = PlanClient(endpoints["oracle"], run.job_id(), comm.rank, cfg.plan_timeout_s, cfg.zmq_curve_dir,
                             reader.epoch_of)
         emb = CachedEmbeddings(cfg.cache_config(), cfg.rules.bounded, cfg.embedding_dim, device, store, io, client)
@@ -320,13 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     run.write_rank_pid(rank, os.getpid())
     cfg = RunConfig.from_dict(run.read_config())
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_num_threads(cfg.trainer_threads or max(1, (os.cpu_count() or 2) // max(1, world)))
+    placement = Placement.from_dict(run.placement()) if run.placement() else Placement()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    cores = placement.trainer_cpus(local_rank)
+    if cores:
+        os.sched_setaffinity(0, cores)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(cfg.trainer_threads or (len(cores) if cores else max(1, (os.cpu_count() or 2) // local_world)))
     if world > 1:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     comm = DistCommunicator() if world > 1 else SoloCommunicator()
     trainer = None
     try:
-        trainer = build(cfg, run, comm, start=args.first_iteration)
+        trainer = build(cfg, run, comm, start=args.first_iteration, placement=placement)
         trainer.train()
         run.write_rank_result(rank, trainer.finish())
         return 0

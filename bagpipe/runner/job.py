@@ -27,6 +27,7 @@ from bagpipe.config import ConfigError, RunConfig, capacity_message
 from bagpipe.dataset import Dataset, DatasetError
 from bagpipe.keys import distinct_rows_per_trainer
 from bagpipe.log import init_logger
+from bagpipe.placement import plan_placement
 from bagpipe.procs import child_setup, free_port
 from bagpipe.rendezvous import Rendezvous, RendezvousError
 from bagpipe.rundir import RunDir
@@ -66,10 +67,10 @@ def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
             c.proc.wait()
 
 
-def _spawn(name: str, cmd: list[str], log_path: Path) -> Child:
+def _spawn(name: str, cmd: list[str], log_path: Path, cpus: set[int] | None = None) -> Child:
     out = open(log_path, "ab")
     # A new session per child, so stopping it reaches its own children (torchrun's ranks).
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=child_setup())
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=child_setup(cpus=cpus))
     out.close()
     return Child(name, proc)
 
@@ -230,6 +231,12 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             cfg = RunConfig.from_dict(job["config"])
             start = job["start"]
             _write_run_files(run, cfg, job["job_id"])
+        # Which cores this node's trainers and its other processes run on (bagpipe.placement).
+        nproc = launch.nproc_per_node or cfg.trainers
+        placement = plan_placement(cfg.cpu_placement, nproc)
+        run.write_placement(placement.to_dict())
+        if placement.reason:
+            log.info("cpu_placement %s: nothing pinned (%s)", cfg.cpu_placement, placement.reason)
         # 2. Every node starts the shards it was asked for and says where they are.
         shards = launch.shards_here(cfg)
         urls: list[str] = []
@@ -240,6 +247,9 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             store_cfg = dataclasses.replace(cfg.store_config(), shards=shards, host=launch.host)
             servers = (RedisClusterServers if cfg.redis_cluster else RedisServers)(store_cfg, run.redis)
             servers.start()
+            for pid in servers.pids:
+                if placement.pinned:
+                    os.sched_setaffinity(pid, placement.service_cpus())
             urls = list(servers.urls)
             if cfg.redis_cluster:
                 cluster_url = servers.cluster_url
@@ -263,19 +273,19 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
                 endpoints["oracle"] = f"tcp://{host}:{port}"
                 children.append(_spawn("oracle", [sys.executable, "-m", "bagpipe", "oracle", "--run-dir",
                                                   str(run_dir), "--endpoint", endpoints["oracle"],
-                                                  "--first-iteration", str(start)], run.log("oracle")))
+                                                  "--first-iteration", str(start)], run.log("oracle"),
+                                       placement.service_cpus()))
             rdzv.publish("endpoints", endpoints)
         else:
             endpoints = rdzv.get("endpoints", who="the endpoints from node 0")
         run.write_endpoints(endpoints)
         # 4. torchrun for this node's trainers.
-        nproc = launch.nproc_per_node or cfg.trainers
         master_port = launch.master_port or free_port(launch.master_addr)
         trainer_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launch.nnodes),
                        "--node-rank", str(launch.node_rank), "--nproc-per-node", str(nproc),
                        "--master-addr", launch.master_addr, "--master-port", str(master_port),
                        "--module", "trainers.trainer", "--run-dir", str(run_dir), "--first-iteration", str(start)]
-        children.append(_spawn("trainers", trainer_cmd, run.log("trainers")))
+        children.append(_spawn("trainers", trainer_cmd, run.log("trainers"), placement.all_trainer_cpus()))
         # Every pid this node started, for operators and for tests that check nothing is left behind.
         pids = {c.name: c.proc.pid for c in children}
         if servers is not None:
@@ -294,6 +304,8 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             for r in range(launch.nnodes):
                 ranks += rdzv.get(f"ranks/{r}", who=f"the results of node {r}")
             metrics = _merge_metrics(cfg, ranks, run, time.perf_counter() - started)
+            metrics["placement"] = placement.to_dict()
+            run.write_metrics(metrics)
             rdzv.publish("finished", True)
             # The rendezvous store lives in this process: keep it until every node has seen the end.
             for r in range(1, launch.nnodes):
