@@ -11,7 +11,7 @@ reader never sees half a file, and a crash leaves the previous one.
     endpoints.json    where the embedding servers and the oracle listen
     pids.json         every process this node started, by name
     placement.json    the cores of each local trainer and of the other processes (bagpipe.placement)
-    rank<r>.pid       trainer r's pid;  rank<r>.json  its results
+    rank<r>.pid       trainer r's pid;  rank<r>.json  its results;  agent<r>.pid  its store agent's
     model.pt          the trained model (dense state_dict, every touched row)
     metrics.json      the merged results;  oracle_stats.json  the planner's counters
     <name>.log        each child's output (oracle, trainers)
@@ -108,6 +108,12 @@ class RunDir:
     def write_rank_pid(self, rank: int, pid: int) -> None:
         write_atomic(self.path / f"rank{rank}.pid", str(pid))
 
+    def write_agent_pid(self, rank: int, pid: int) -> None:
+        write_atomic(self.path / f"agent{rank}.pid", str(pid))
+
+    def agent_pid(self, rank: int) -> int:
+        return int((self.path / f"agent{rank}.pid").read_text())
+
     def write_rank_result(self, rank: int, result: dict[str, Any]) -> None:
         write_atomic(self.rank_result_path(rank), json.dumps(result))
 
@@ -142,5 +148,6 @@ class RunDir:
     def clear_results(self) -> None:
         """Forget an earlier launch's per-rank files, model and metrics (a new launch writes its own)."""
         for old in (list(self.path.glob("rank*.json")) + list(self.path.glob("rank*.pid"))
+                    + list(self.path.glob("agent*.pid"))
                     + [self.model_path, self.metrics_path]):
             old.unlink(missing_ok=True)

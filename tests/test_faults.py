@@ -17,6 +17,7 @@ from bagpipe.checkpoint import CheckpointError, Checkpoints, load_manifest
 from bagpipe.config import RunConfig
 from bagpipe.runner.export import load_model
 from bagpipe.runner.job import run_job
+from bagpipe.rundir import RunDir
 from procs import wait_gone
 
 pytestmark = pytest.mark.slow
@@ -74,6 +75,8 @@ def reference(small_criteo, tmp_path_factory):
 def _victim_pid(run_dir: Path, victim: str) -> int:
     if victim.startswith("rank"):
         return int((run_dir / f"{victim}.pid").read_text())
+    if victim.startswith("agent"):
+        return RunDir(run_dir).agent_pid(int(victim[5:]))
     return json.loads((run_dir / "pids.json").read_text())[victim]
 
 
@@ -81,6 +84,7 @@ def _victim_pid(run_dir: Path, victim: str) -> int:
     (1, "rank0", "trainers"),
     (2, "rank1", "trainers"),
     (2, "oracle", "oracle"),
+    (2, "agent1", "the store agent of rank 1"),
     (1, "redis1", "shard 1"),
     (2, "job", None),
 ])
@@ -90,6 +94,7 @@ def test_kill_then_resume_reaches_the_same_model(small_criteo, tmp_path, referen
     job = _job(run_dir, small_criteo, settings)
     _wait_for_checkpoint(job, run_dir)
     pids = json.loads((run_dir / "pids.json").read_text())
+    pids.update({f"agent{r}": RunDir(run_dir).agent_pid(r) for r in range(trainers)})
     pid = job.pid if victim == "job" else _victim_pid(run_dir, victim)
     os.kill(pid, signal.SIGKILL)
     rc, out = _finish(job, timeout_s=90)

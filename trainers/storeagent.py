@@ -46,7 +46,7 @@ from collections import deque
 
 import numpy as np
 
-from trainers.storeio import StoreIOError
+from trainers.storeio import TAKE_GRACE_S, StoreIOError
 
 log = logging.getLogger("bagpipe")
 
@@ -152,7 +152,8 @@ class StoreAgent:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = (theirs.fileno(), req_fd, rows_fd)
         cmd = [sys.executable, "-m", "trainers.storeagent", "--run-dir", str(run_dir), "--rank", str(rank),
-               "--fds", ",".join(map(str, fds)), "--ring-bytes", str(ring_bytes)]
+               "--fds", ",".join(map(str, fds)), "--ring-bytes", str(ring_bytes),
+               "--wait-timeout", repr(float(wait_timeout_s))]
         self.proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,
                                      preexec_fn=child_setup(new_session=False, cpus=cpus))
         theirs.close()
@@ -212,7 +213,7 @@ class StoreAgent:
         """Block until the rows of fetch ``ids`` have arrived; returns them stacked."""
         ids = np.asarray(ids, np.int64)
         out = np.empty((len(ids), self.width), np.float32)
-        deadline = time.monotonic() + self.wait_timeout_s
+        deadline = time.monotonic() + self.wait_timeout_s + TAKE_GRACE_S
         found = 0
         for block in list(self.blocks):
             here = np.flatnonzero((ids >= block.start) & (ids < block.start + block.n))
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--fds", required=True, help="socket, request ring, rows ring")
     parser.add_argument("--ring-bytes", type=int, required=True)
+    parser.add_argument("--wait-timeout", type=float, required=True, help="seconds a row's version may be awaited")
     args = parser.parse_args(argv)
     from bagpipe.config import RunConfig
     from bagpipe.dataset import Dataset
@@ -416,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         store = EmbeddingStore(cfg.store_config(endpoints.get("redis_cluster_url")), endpoints["redis"],
                                cfg.embedding_dim, cfg.state_width, table_sizes)
         _, io_cls, io_kwargs = mutants.select()
-        io = io_cls(store, wait_timeout_s=cfg.plan_timeout_s, **io_kwargs)
+        io = io_cls(store, wait_timeout_s=args.wait_timeout, **io_kwargs)
         chan.send(READY)
         _AgentLoop(chan, requests, rows, io, store.width).run()
         return 0

@@ -23,6 +23,12 @@ class StoreIOError(RuntimeError):
     pass
 
 
+# A trainer waiting for rows gives the store side this long beyond its own timeout, so that when a
+# row's version never comes, the error the job reports is the store side's (which row, which
+# version), not the trainer's plainer "did not arrive".
+TAKE_GRACE_S = 2.0
+
+
 class _Block:
     """One plan's fetches, ids [start, start + n): their rows once arrived, and how many are still to be used."""
 
@@ -80,7 +86,7 @@ class StoreIO:
         ids = np.asarray(ids, np.int64)
         out = np.empty((len(ids), self.store.width), np.float32)
         with self._cv:
-            self._consume(ids, out, time.monotonic() + self.wait_timeout_s)
+            self._consume(ids, out, time.monotonic() + self.wait_timeout_s + TAKE_GRACE_S)
         return out
 
     def _consume(self, ids: np.ndarray, out: np.ndarray, deadline: float) -> None:

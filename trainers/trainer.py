@@ -309,6 +309,7 @@ def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, envir
 
             io = StoreAgent(str(run.path), comm.rank, store.width, cfg.plan_timeout_s, tc.staging_mib << 20,
                             cpus=(placement or Placement()).service_cpus())
+            run.write_agent_pid(comm.rank, io.pid)
         else:
             io = io_cls(store, wait_timeout_s=cfg.plan_timeout_s, **io_kwargs)
         client = PlanClient(endpoints["oracle"], run.job_id(), comm.rank, cfg.plan_timeout_s, cfg.zmq_curve_dir,
