@@ -1,0 +1,32 @@
+"""``bagpipe bench``: the policies and the TorchRec peer side by side, and a sweep of one key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.policies import main as bench_main
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_reports_every_policy_the_peer_and_where_each_holds_local(small_criteo, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = bench_main(["--config", "configs/bench-quick.toml", "--set", f"data={small_criteo}",
+                     "--set", "batch_size=256", "--set", "iterations=12", "--set", "cache_rows=3000",
+                     "--set", "trainers=1", "--set", "eval_batches=1",
+                     "--policies", "local,torchrec,bagpipe", "--repeats", "1", "--run-dir", str(out),
+                     "--sweep", "store_latency_us=0,3000"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["key"] == "store_latency_us" and [p["value"] for p in report["points"]] == [0.0, 3000.0]
+    for point in report["points"]:
+        pols = point["policies"]
+        assert set(pols) == {"local", "torchrec", "bagpipe"}
+        assert all(r["samples_per_s"] > 0 for r in pols.values())
+        assert pols["bagpipe"]["rows_fetched"] > 0 and pols["torchrec"]["rows_fetched"] == 0
+        assert set(pols["bagpipe"]["trainer_phase_s"]) >= {"plan", "install", "evict", "forward", "backward"}
+    md = (out / "report.md").read_text()
+    assert "holds 0.9x local at" in md and "| torchrec |" in md and "placement auto" in md
+    assert (out / "report.png").stat().st_size > 1000
