@@ -15,6 +15,7 @@ run directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -54,21 +55,32 @@ def _run_one(cfg: RunConfig, policy: str, run_dir: Path) -> dict:
     return run_job(cfg.replace(policy=policy), run_dir, quiet=True)
 
 
-def run_bench(cfg: RunConfig, policies: list[str], repeats: int, run_dir: Path) -> dict:
+def run_bench(cfg: RunConfig, policies: list[str], repeats: int, run_dir: Path, link: bool = False) -> dict:
+    """Every policy ``repeats`` times, alternating. With ``link``, the shards sit behind a real
+    rate-limited link at ``store_bandwidth_gbps`` (bench.netlink) instead of the in-process stand-in."""
     runs: dict[str, list[dict]] = {p: [] for p in policies}
-    for r in range(repeats):
-        for p in policies:
-            metrics = _run_one(cfg, p, run_dir / f"{p}-{r}")
-            runs[p].append(metrics)
-            log.info("repeat %d %-16s %8.0f samples/s (steady)  %8.0f (whole run)  stall %.2fs", r, p,
-                     _steady(metrics), metrics["samples_per_s"], metrics["stall_s"])
+    described = None
+    with contextlib.ExitStack() as stack:
+        job_cfg = cfg
+        if link:
+            from bench.netlink import EmulatedLink
+
+            net = stack.enter_context(EmulatedLink(cfg.store_bandwidth_gbps, cfg.shards, run_dir / "link"))
+            job_cfg = cfg.replace(redis_urls=tuple(net.urls), store_bandwidth_gbps=0.0)
+            described = net.describe()
+        for r in range(repeats):
+            for p in policies:
+                metrics = _run_one(job_cfg, p, run_dir / f"{p}-{r}")
+                runs[p].append(metrics)
+                log.info("repeat %d %-16s %8.0f samples/s (steady)  %8.0f (whole run)  stall %.2fs", r, p,
+                         _steady(metrics), metrics["samples_per_s"], metrics["stall_s"])
     placement = next((m[0].get("placement") for m in runs.values() if m and m[0].get("placement")), None)
     report: dict = {"settings": {"batch_size": cfg.batch_size, "trainers": cfg.trainers, "shards": cfg.shards,
                                  "iterations": cfg.iterations, "cache_rows": cfg.cache_rows, "lead": cfg.lead,
                                  "horizon": cfg.horizon, "store_latency_us": cfg.store_latency_us,
                                  "store_bandwidth_gbps": cfg.store_bandwidth_gbps, "repeats": repeats,
                                  "embedding_dim": cfg.embedding_dim, "store_io": cfg.store_io,
-                                 "cpu_placement": cfg.cpu_placement, "placement": placement,
+                                 "cpu_placement": cfg.cpu_placement, "placement": placement, "link": described,
                                  "date": time.strftime("%Y-%m-%d")},
                     "policies": {}}
     for p, ms in runs.items():
@@ -92,11 +104,12 @@ def run_bench(cfg: RunConfig, policies: list[str], repeats: int, run_dir: Path) 
     return report
 
 
-def run_sweep(cfg: RunConfig, key: str, values: list, policies: list[str], repeats: int, run_dir: Path) -> dict:
+def run_sweep(cfg: RunConfig, key: str, values: list, policies: list[str], repeats: int, run_dir: Path,
+              link: bool = False) -> dict:
     """The bench at each value of one config key (alternating policies within each value)."""
     points = []
     for v in values:
-        report = run_bench(cfg.replace(**{key: v}), policies, repeats, run_dir / f"{key}={v}")
+        report = run_bench(cfg.replace(**{key: v}), policies, repeats, run_dir / f"{key}={v}", link)
         points.append({"value": v, "report": report})
     return {"key": key, "points": points}
 
@@ -130,7 +143,9 @@ def _table(report: dict) -> list[str]:
     lines = [f"batch {s['batch_size']}, dim {s['embedding_dim']}, {s['trainers']} trainers, {s['shards']} shards, "
              f"{s['iterations']} iterations, cache {s['cache_rows']} rows per trainer, lead {s['lead']}, horizon "
              f"{s['horizon']}, store latency {s['store_latency_us']} us, bandwidth "
-             f"{s['store_bandwidth_gbps'] or 'unlimited'} GB/s, store I/O in the {s['store_io']}, {where}; "
+             f"{s['store_bandwidth_gbps'] or 'unlimited'} GB/s "
+             f"({'a real veth link, rate-limited by tbf; latency the stand-in' if s.get('link') else 'in-process stand-in'}), "
+             f"store I/O in the {s['store_io']}, {where}; "
              f"{s['repeats']} repeats (median, min-max); samples/s in steady state, after the first "
              f"{next(iter(report['policies'].values())).get('warmup_iterations', 0)} iterations", "",
              "| policy | samples/s | min-max | x local | x torchrec | x none | stall s | rows fetched | "
@@ -240,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default=DEFAULT_POLICIES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "bench")
+    parser.add_argument("--link", action="store_true",
+                        help="shards in a network namespace behind a real link at store_bandwidth_gbps (root, iproute2)")
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
                         help="run the bench at each value of one config key (e.g. store_bandwidth_gbps=0.1,0.5,1)")
     args = parser.parse_args(argv)
@@ -260,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         if not values:
             log.error("--sweep %s: expected KEY=V1,V2,...", args.sweep)
             return 2
-        write_sweep_report(run_sweep(cfg, key, values, policies, args.repeats, args.run_dir), args.run_dir)
+        write_sweep_report(run_sweep(cfg, key, values, policies, args.repeats, args.run_dir, args.link), args.run_dir)
         print((args.run_dir / "report.md").read_text())
         return 0
-    report = run_bench(cfg, policies, args.repeats, args.run_dir)
+    report = run_bench(cfg, policies, args.repeats, args.run_dir, args.link)
     write_report(report, args.run_dir)
     print((args.run_dir / "report.md").read_text())
     return 0

@@ -30,3 +30,23 @@ def test_sweep_reports_every_policy_the_peer_and_where_each_holds_local(small_cr
     md = (out / "report.md").read_text()
     assert "holds 0.9x local at" in md and "| torchrec |" in md and "placement auto" in md
     assert (out / "report.png").stat().st_size > 1000
+
+
+def test_link_mode_puts_the_shards_behind_a_real_rate_limited_link(small_criteo, tmp_path):
+    from bench.netlink import available
+
+    if available():
+        pytest.skip(available())
+    out = tmp_path / "bench"
+    rc = bench_main(["--config", "configs/bench-quick.toml", "--set", f"data={small_criteo}",
+                     "--set", "batch_size=256", "--set", "iterations=10", "--set", "cache_rows=3000",
+                     "--set", "trainers=1", "--set", "eval_batches=1", "--set", "store_latency_us=0",
+                     "--set", "store_bandwidth_gbps=0.5",
+                     "--policies", "local,bagpipe", "--repeats", "1", "--run-dir", str(out), "--link"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    link = report["_settings"]["link"]
+    assert link["kind"] == "veth + tbf" and link["rate_gbps"] == 0.5
+    assert all(url.startswith("redis://10.214.") for url in link["shards"])
+    assert report["bagpipe"]["rows_fetched"] > 0
+    assert "a real veth link" in (out / "report.md").read_text()
