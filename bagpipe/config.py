@@ -11,7 +11,9 @@ keys (iterations, epochs, the kind of store). Every check raises
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -328,13 +330,19 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "config") -> "RunConfig":
+    def from_dict(cls, values: dict[str, Any], where: str = "config",
+                  sources: dict[str, str] | None = None) -> "RunConfig":
+        """A validated config from key/value pairs; ``sources`` names where each key came from
+        (a file, ``--set``), for the error an unknown key or a bad value gets."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
+            source = (sources or {}).get(key, where)
             if key not in known:
-                raise ConfigError(f"{where}: unknown config key '{key}'")
-            kwargs[key] = _coerce(key, value, known[key].type, where)
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else " (see bagpipe/config.py for the keys)"
+                raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+            kwargs[key] = _coerce(key, value, known[key].type, source)
         return cls(**kwargs)
 
     @classmethod
@@ -342,6 +350,7 @@ class RunConfig:
              base: dict[str, Any] | None = None) -> "RunConfig":
         """Read a TOML file (or ``base``, or defaults) and apply ``KEY=VALUE`` overrides."""
         values: dict[str, Any] = dict(base or {})
+        sources: dict[str, str] = {k: "the saved config.json" for k in values}
         if path is not None:
             p = Path(path)
             try:
@@ -353,12 +362,20 @@ class RunConfig:
             # Relative data paths are relative to the config file.
             if values.get("data") and not Path(values["data"]).is_absolute():
                 values["data"] = str((p.parent / values["data"]).resolve())
+            sources = {k: str(p) for k in values}
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
             k, v = item.split("=", 1)
             values[k.strip()] = _parse_override(v.strip())
-        return cls.from_dict(values, where=str(path) if path else "--set")
+            sources[k.strip()] = f"--set {item}"
+        return cls.from_dict(values, where=str(path) if path else "--set", sources=sources)
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set K=V [K=V ...]``, repeatable: every command that takes a config takes overrides alike."""
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys (--set a=1 b=2, or --set a=1 --set b=2)")
 
 
 def _parse_override(text: str) -> Any:

@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bagpipe.config import ConfigError, RunConfig
+from bagpipe.config import ConfigError, RunConfig, add_set_argument
 from bagpipe.log import init_logger
 
 log = logging.getLogger("bagpipe")
@@ -251,7 +251,7 @@ def _plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe bench", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser)
     parser.add_argument("--policies", default=DEFAULT_POLICIES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "bench")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bagpipe.config import ConfigError, RunConfig
+from bagpipe.config import ConfigError, RunConfig, add_set_argument
 from bagpipe.dataset import Dataset
 from bagpipe.log import init_logger
 from bagpipe.placement import plan_placement
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.torchrec_peer", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="a TOML config, as for bagpipe run")
     parser.add_argument("--config-json", type=Path, help="a whole RunConfig as JSON (what bagpipe bench passes)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser)
     parser.add_argument("--out", type=Path, required=True, help="where the figures go (JSON)")
     args = parser.parse_args(argv)
     log = init_logger("torchrec peer")

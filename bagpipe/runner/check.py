@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bagpipe.config import ConfigError, RunConfig
+from bagpipe.config import ConfigError, RunConfig, add_set_argument
 from bagpipe.dataset import Dataset
 from bagpipe.keys import batch_keys, distinct_rows_per_trainer
 from bagpipe.log import init_logger
@@ -276,7 +276,7 @@ def format_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe check", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser)
     parser.add_argument("--matrix", choices=["small", "full"], default="small")
     parser.add_argument("--iterations", type=int, help="iterations per run (default: the config's)")
     parser.add_argument("--only", action="append", help="run only variations whose name contains this")

@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+from bagpipe.config import ConfigError
+from bagpipe.dataset import DatasetError
+
 # subcommand -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("bagpipe.runner.job", "run a training job (servers, oracle, trainers) on this node"),
@@ -51,7 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bagpipe: unknown command '{cmd}'\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(table[cmd][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except (ConfigError, DatasetError) as exc:  # a bad key, value or path: one line, no traceback
+        name = f"data {cmd}" if table is DATA_COMMANDS else cmd
+        print(f"bagpipe {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bagpipe {cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

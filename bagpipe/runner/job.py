@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bagpipe.checkpoint import CheckpointError
-from bagpipe.config import ConfigError, RunConfig, capacity_message
+from bagpipe.config import ConfigError, RunConfig, add_set_argument, capacity_message
 from bagpipe.dataset import Dataset, DatasetError
 from bagpipe.keys import distinct_rows_per_trainer
 from bagpipe.log import init_logger
@@ -464,7 +464,7 @@ def _launch_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe run", description="run a training job (this node's part)")
     parser.add_argument("--config", type=Path, help="TOML config file (see configs/); node 0 only")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_argument(parser)
     parser.add_argument("--run-dir", type=Path, help="where logs, metrics and the model go (default runs/<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the job in --run-dir from its last checkpoint (its config.json, plus --set)")
