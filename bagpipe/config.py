@@ -170,6 +170,7 @@ class TrainerConfig:
     curve_dir: str = ""
     store_io: str = "agent"  # agent: a process of its own (trainers.storeagent); thread: in the trainer
     staging_mib: int = 32  # each shared-memory ring between a trainer and its store agent
+    tensorboard: bool = True  # event files in the run directory's tensorboard/
 
     def __post_init__(self) -> None:
         _require(self.store_io in STORE_IO, "store_io", f"'{self.store_io}' is not one of {', '.join(STORE_IO)}")
@@ -220,6 +221,7 @@ class RunConfig:
     cpu_placement: str = "auto"  # auto: trainers on cores of their own, the rest on the others (bagpipe.placement)
     store_io: str = "agent"
     staging_mib: int = 32
+    tensorboard: bool = True  # rank 0 writes TensorBoard event files into RUN_DIR/tensorboard
     redis_host: str = "127.0.0.1"
     redis_base_port: int = 0
     redis_urls: tuple[str, ...] = ()
@@ -317,7 +319,8 @@ class RunConfig:
         return TrainerConfig(batch_size=self.batch_size, device=self.device, threads=self.trainer_threads,
                              dense_lr=self.dense_lr, eval_every=self.eval_every, eval_batches=self.eval_batches,
                              checkpoint_every=self.checkpoint_every, plan_timeout_s=self.plan_timeout_s,
-                             curve_dir=self.zmq_curve_dir, store_io=self.store_io, staging_mib=self.staging_mib)
+                             curve_dir=self.zmq_curve_dir, store_io=self.store_io, staging_mib=self.staging_mib,
+                             tensorboard=self.tensorboard)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(name=self.model, embedding_dim=self.embedding_dim,

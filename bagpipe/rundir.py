@@ -14,6 +14,8 @@ reader never sees half a file, and a crash leaves the previous one.
     rank<r>.pid       trainer r's pid;  rank<r>.json  its results;  agent<r>.pid  its store agent's
     model.pt          the trained model (dense state_dict, every touched row)
     metrics.json      the merged results;  oracle_stats.json  the planner's counters
+    metrics.jsonl     one line per evaluation;  progress.json  rank 0's latest figures (the progress bar)
+    curves.png        loss, NE and AUC against iterations;  tensorboard/  the same as event files
     <name>.log        each child's output (oracle, trainers)
     redis/            the shards this node started;  checkpoints/  see bagpipe.checkpoint
 """
@@ -135,6 +137,32 @@ class RunDir:
         path = self.path / "placement.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def curves_path(self) -> Path:
+        return self.path / "curves.png"
+
+    def write_progress(self, progress: dict[str, Any]) -> None:
+        write_atomic(self.path / "progress.json", json.dumps(progress))
+
+    def progress(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / "progress.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def append_eval(self, record: dict[str, Any]) -> None:
+        """One evaluation's figures as a line of ``metrics.jsonl`` (the history, in order)."""
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def eval_history(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
     def write_oracle_stats(self, stats: Any) -> None:
         write_atomic(self.path / "oracle_stats.json", json.dumps(stats, indent=1))
 
@@ -145,9 +173,16 @@ class RunDir:
         torch.save(model, tmp)
         os.replace(tmp, self.model_path)
 
+    def clear_history(self) -> None:
+        """A fresh (not resumed) job: no evaluation history or event files from an earlier one."""
+        import shutil
+
+        (self.path / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
+
     def clear_results(self) -> None:
         """Forget an earlier launch's per-rank files, model and metrics (a new launch writes its own)."""
         for old in (list(self.path.glob("rank*.json")) + list(self.path.glob("rank*.pid"))
                     + list(self.path.glob("agent*.pid"))
-                    + [self.model_path, self.metrics_path]):
+                    + [self.model_path, self.metrics_path, self.path / "progress.json", self.curves_path]):
             old.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from bagpipe.rundir import RunDir
 from trainers.cache import SlotCache, slots_kjt
 from trainers.embeddings import CachedEmbeddings, Embeddings, LocalEmbeddings
 from trainers.models import build_dense_model
+from trainers.reporting import rank0_sinks
 from trainers.step import PHASES, Communicator, DistCommunicator, SoloCommunicator, Step
 
 log = logging.getLogger("bagpipe")
@@ -87,6 +88,7 @@ class Meters:
     loss_sum: float = 0.0
     loss_n: int = 0
     phase_s: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})  # seconds per phase, summed
+    loss_per_iteration: list = field(default_factory=list)
     stall_per_iteration: list = field(default_factory=list)
     ended_at: list = field(default_factory=list)
 
@@ -128,6 +130,7 @@ class Trainer:
         self.step = step_cls(model, self.dense_opt, comm, self.table_names, cfg.batch_size, device)
         self.meters = Meters()
         self.eval_history: list[dict] = []
+        self.sinks = rank0_sinks(run, iterations, cfg.tensorboard) if comm.rank == 0 else None
         self.wall_s = 0.0
         if start > 0:
             self._restore()
@@ -136,26 +139,36 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         started = time.perf_counter()
-        report_every = max(1, self.iterations // 20)
+        m = self.meters
         for i in range(self.start, self.iterations):
             t0 = time.perf_counter()
             plan = self.emb.next_plan(i)
             plan_s = time.perf_counter() - t0
+            if i == self.start and self.rank == 0 and plan_s > 1.0:
+                log.info("first plan after %.1fs (the oracle starting and compiling its kernels; not counted "
+                         "in the steady rate)", plan_s)
             result = self.step(i, plan, self.emb, self.batches.get(i))
-            self.meters.add(result, plan_s)
+            m.add(result, plan_s)
+            m.loss_per_iteration.append(result.loss)
             if cfg.flushes_after(i, self.iterations):
                 self._segment_end(i)
             # When each iteration ended, in training time (checkpoints and evaluations left out).
-            self.meters.ended_at.append(time.perf_counter() - started - self.meters.paused_s)
-            if self.rank == 0 and (i + 1) % report_every == 0:
-                m = self.meters
-                el = time.perf_counter() - started - m.paused_s
-                hits = m.hit_rate() if self.emb.fetches else 1.0
-                log.info("iteration %d/%d  %.0f samples/s  loss %.4f  hit rate %.1f%%  stalled %.2fs", i + 1,
-                         self.iterations, (i + 1 - self.start) * cfg.batch_size / el,
-                         m.loss_sum / max(1, m.loss_n), 100 * hits, m.stall_s)
+            m.ended_at.append(time.perf_counter() - started - m.paused_s)
+            if self.sinks is not None:
+                self.sinks.log(self._progress(i), i)
         self.emb.flush()
-        self.wall_s = time.perf_counter() - started - self.meters.paused_s
+        self.wall_s = time.perf_counter() - started - m.paused_s
+
+    def _progress(self, i: int) -> dict:
+        """Rank 0's figures after iteration i. The rate is the steady one: from the end of this
+        launch's first iteration (start-up and the first plan left out) to now."""
+        m, done = self.meters, len(self.meters.ended_at)
+        span = m.ended_at[-1] - m.ended_at[0]
+        rate = (done - 1) * self.cfg.batch_size / span if done > 1 and span > 0 else 0.0
+        left = self.iterations - (i + 1)
+        return {"train/loss": m.loss_per_iteration[-1], "train/loss_mean": m.loss_sum / max(1, m.loss_n),
+                "train/samples_per_s": rate, "train/hit_rate": m.hit_rate() if self.emb.fetches else 1.0,
+                "train/stall_s": m.stall_s, "train/eta_s": left * self.cfg.batch_size / rate if rate else 0.0}
 
     # ------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict:
@@ -172,11 +185,7 @@ class Trainer:
         if cfg.checkpoints_after(i, self.iterations):
             self.checkpoint(i)
         if cfg.evaluates_after(i, self.iterations) and self.rank == 0:
-            result = self.evaluate()
-            if result:
-                self.eval_history.append(dict(result, iteration=i))
-                log.info("eval after iteration %d: AUC %.4f, logloss %.4f nats, NE %.4f", i, result["eval_auc"],
-                         result["eval_logloss"], result["eval_ne"])
+            self._evaluate_and_log(i)
         self.comm.barrier()
         self.meters.paused_s += time.perf_counter() - t0
 
@@ -205,6 +214,14 @@ class Trainer:
         self.emb.restore(read_rows(path))
 
     # ------------------------------------------------------------ results
+    def _evaluate_and_log(self, i: int) -> dict:
+        result = self.evaluate()
+        if result:
+            self.eval_history.append(dict(result, iteration=i))
+            if self.sinks is not None:
+                self.sinks.log({f"eval/{k[5:]}": v for k, v in result.items()}, i)
+        return result
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """AUC, logloss and NE on the eval split, after every cache has been flushed."""
@@ -254,7 +271,8 @@ class Trainer:
                 "train_logloss": m.loss_sum / max(1, m.loss_n),
                 "phase_s_per_iteration": {p: s / ran for p, s in m.phase_s.items()},
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "stall_per_iteration": m.stall_per_iteration, "ended_at": m.ended_at}
+                "stall_per_iteration": m.stall_per_iteration, "ended_at": m.ended_at,
+                "loss_per_iteration": m.loss_per_iteration, "threads": torch.get_num_threads()}
 
     def finish(self) -> dict:
         """After training: rank 0 saves the model (before the final evaluation, so a damaged eval
@@ -264,7 +282,7 @@ class Trainer:
         if self.rank == 0:
             self.run.write_model({"dense": self.model.state_dict(), "tables": self.export_rows(),
                                   "config": self.cfg.to_dict()})
-            final = self.evaluate()
+            final = self._evaluate_and_log(self.iterations - 1)
             result.update(final)
             result["eval_history"] = self.eval_history + ([dict(final, iteration=self.iterations - 1)] if final else [])
         return result
@@ -272,6 +290,8 @@ class Trainer:
     def close(self) -> None:
         self.batches.close()
         self.emb.close()
+        if self.sinks is not None:
+            self.sinks.close()
 
 
 def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, environ=os.environ,

@@ -31,6 +31,7 @@ from bagpipe.placement import plan_placement
 from bagpipe.procs import child_setup, free_port
 from bagpipe.rendezvous import Rendezvous, RendezvousError
 from bagpipe.rundir import RunDir
+from bagpipe.runner.curves import write_curves
 from bagpipe.servers import ServersError
 from bagpipe.store import StoreError
 
@@ -96,6 +97,7 @@ def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> int:
     _write_run_files(run, cfg, uuid.uuid4().hex)
     if not resume:
         shutil.rmtree(run.checkpoints, ignore_errors=True)
+        run.clear_history()
     return start
 
 
@@ -305,7 +307,12 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
                 ranks += rdzv.get(f"ranks/{r}", who=f"the results of node {r}")
             metrics = _merge_metrics(cfg, ranks, run, time.perf_counter() - started)
             metrics["placement"] = placement.to_dict()
+            metrics["loss_per_iteration"] = sorted(ranks, key=lambda r: r["rank"])[0].get("loss_per_iteration", [])
             run.write_metrics(metrics)
+            try:
+                write_curves(metrics, run.curves_path)
+            except Exception as exc:  # a plot is a convenience; the run's results stand without it
+                log.warning("curves.png not written: %s", exc)
             rdzv.publish("finished", True)
             # The rendezvous store lives in this process: keep it until every node has seen the end.
             for r in range(1, launch.nnodes):
@@ -357,13 +364,17 @@ def _watch(children: list[Child], run: RunDir, quiet: bool, elsewhere=lambda: No
     trainers = children[-1]
     log_path = run.log("trainers")
     shown = 0
+    # A terminal gets a progress bar (from rank 0's progress.json); files and CI get log lines.
+    bar = ProgressBar(run) if not quiet and sys.stderr.isatty() else None
     while True:
         if not quiet and log_path.exists():
             text = log_path.read_text(errors="replace")
             for line in text[shown:].splitlines():
-                if "[trainer 0]" in line or "Error" in line:
-                    print(line, file=sys.stderr)
+                if ("[trainer 0]" in line and (bar is None or " iteration " not in line)) or "Error" in line:
+                    (bar.write if bar else lambda s: print(s, file=sys.stderr))(line)
             shown = len(text)
+        if bar is not None:
+            bar.update()
         if any(_failed(c, trainers) for c in children):
             # One death usually brings down the others within moments (the oracle loses a
             # trainer, torchrun stops the other ranks): wait briefly and name every one,
@@ -381,6 +392,8 @@ def _watch(children: list[Child], run: RunDir, quiet: bool, elsewhere=lambda: No
                 parts.append(f"{c.name} (pid {c.proc.pid}) exited with code {c.proc.poll()}:\n  " + "\n  ".join(tail))
             raise JobError("\n".join(parts))
         if trainers.proc.poll() == 0:
+            if bar is not None:
+                bar.close()
             return
         failed = elsewhere()
         if failed:
@@ -434,10 +447,46 @@ def _merge_metrics(cfg: RunConfig, ranks: list[dict], run: RunDir, wall_s: float
     return metrics
 
 
+class ProgressBar:
+    """The job's progress in a terminal: iterations, samples/s (steady), loss, hit rate, stall, ETA."""
+
+    def __init__(self, run: RunDir) -> None:
+        from tqdm import tqdm
+
+        self.run = run
+        self.bar = tqdm(total=None, unit="it", desc="training", dynamic_ncols=True, leave=True)
+        self.at = 0
+
+    def update(self) -> None:
+        p = self.run.progress()
+        if not p or "train/loss" not in p:
+            return
+        if self.bar.total is None:
+            self.bar.reset(total=p["iterations"])
+        self.bar.update(p["iteration"] - self.at)
+        self.at = p["iteration"]
+        post = {"samples/s": f"{p['train/samples_per_s']:.0f}", "loss": f"{p['train/loss_mean']:.4f}",
+                "hit": f"{100 * p['train/hit_rate']:.1f}%", "stall": f"{p['train/stall_s']:.1f}s"}
+        if "eval/auc" in p:
+            post.update(AUC=f"{p['eval/auc']:.4f}", NE=f"{p['eval/ne']:.4f}")
+        self.bar.set_postfix(post, refresh=True)
+
+    def write(self, line: str) -> None:
+        self.bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.update()
+        self.bar.close()
+
+
 def format_report(m: dict) -> str:
     auc = f"{m['eval_auc']:.4f}" if m.get("eval_auc") is not None else "n/a"
-    return (f"policy {m['policy']}: {m['iterations']} iterations, {m['samples_per_s']:.0f} samples/s, "
-            f"train logloss {m['train_logloss']:.4f}, eval AUC {auc}, stalled {m['stall_s']:.2f}s, "
+    ne = f"{m['eval_ne']:.4f}" if m.get("eval_ne") is not None else "n/a"
+    logloss = f"{m['eval_logloss']:.4f}" if m.get("eval_logloss") is not None else "n/a"
+    steady = m.get("samples_per_s_steady") or m["samples_per_s"]
+    return (f"policy {m['policy']}: {m['iterations']} iterations, {steady:.0f} samples/s steady "
+            f"({m['samples_per_s']:.0f} over the whole run), train logloss {m['train_logloss']:.4f} nats, "
+            f"eval AUC {auc}, logloss {logloss} nats, NE {ne}, stalled {m['stall_s']:.2f}s, "
             f"rows fetched {m['rows_fetched']}, written back {m['rows_written_back']}")
 
 
