@@ -4,9 +4,9 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast clean-venv redis
+.PHONY: setup test test-fast clean-venv redis kernels
 
-setup: $(STAMP) redis
+setup: $(STAMP) redis kernels
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 
 redis:
 	@bash scripts/ensure_redis.sh
+
+# The planner's kernels, compiled into numba's cache once here (a second or less when already there).
+kernels: $(STAMP)
+	@$(VPY) -m oracle.warmup
 
 test: setup
 	$(VPY) -m pytest -q tests
