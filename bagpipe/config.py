@@ -153,6 +153,8 @@ class ModelConfig:
         _require(len(self.bottom_mlp) >= 1 and self.bottom_mlp[-1] == self.embedding_dim, "bottom_mlp",
                  f"must end in embedding_dim ({self.embedding_dim}), got {list(self.bottom_mlp)}")
         _require(len(self.top_mlp) >= 1 and self.top_mlp[-1] == 1, "top_mlp", "must end in 1")
+        _require(self.dcn_layers >= 1, "dcn_layers", f"must be >= 1, got {self.dcn_layers}")
+        _require(self.dcn_rank >= 1, "dcn_rank", f"must be >= 1, got {self.dcn_rank}")
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,8 @@ class RunConfig:
     embedding_dim: int = 16
     bottom_mlp: tuple[int, ...] = (64, 16)
     top_mlp: tuple[int, ...] = (64, 32, 1)
+    dcn_layers: int = 2  # model "dcn": cross layers (MLPerf DLRM-DCNv2: 3)
+    dcn_rank: int = 8  # model "dcn": rank of each cross layer's weight (MLPerf: 512)
     cache_rows: int = 100_000
     lead: int = 2
     horizon: int = 8
@@ -323,8 +327,8 @@ class RunConfig:
                              tensorboard=self.tensorboard)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(name=self.model, embedding_dim=self.embedding_dim,
-                           bottom_mlp=tuple(self.bottom_mlp), top_mlp=tuple(self.top_mlp))
+        return ModelConfig(name=self.model, embedding_dim=self.embedding_dim, bottom_mlp=tuple(self.bottom_mlp),
+                           top_mlp=tuple(self.top_mlp), dcn_layers=self.dcn_layers, dcn_rank=self.dcn_rank)
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)

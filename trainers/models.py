@@ -1,4 +1,4 @@
-"""Models built on torchrec's modules: DLRM (dot interaction) and DCN-v2 (low-rank cross net).
+"""Models built on torchrec's modules: DLRM (dot interaction) and DCN-v2 (low-rank cross net, MLPerf's layout).
 
 Both take dense features and the embeddings of the sparse features as a
 ``KeyedTensor`` (one key per table), which the cache produces from a
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
+from torchrec.models.dlrm import DenseArch, InteractionArch, InteractionDCNArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
-from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from bagpipe.config import ModelConfig
@@ -39,19 +38,24 @@ class DLRMDense(nn.Module):
 
 
 class DCNDense(nn.Module):
-    """DCN-v2: dense features and embeddings concatenated, a low-rank cross net, then an MLP."""
+    """DCN-v2 as MLPerf's DLRM-DCNv2 lays it out: the bottom MLP over the dense features, its output
+    concatenated with the embeddings, a low-rank cross net (``dcn_layers`` layers of rank
+    ``dcn_rank``, torchrec's ``InteractionDCNArch``), then the top MLP (torchrec's ``OverArch``)."""
 
     def __init__(self, cfg: ModelConfig, num_dense: int, num_tables: int) -> None:
         super().__init__()
-        in_features = num_dense + num_tables * cfg.embedding_dim
-        self.cross = LowRankCrossNet(in_features, num_layers=cfg.dcn_layers, low_rank=cfg.dcn_rank)
-        self.mlp = MLP(in_features, list(cfg.top_mlp[:-1])) if len(cfg.top_mlp) > 1 else nn.Identity()
-        last = cfg.top_mlp[-2] if len(cfg.top_mlp) > 1 else in_features
-        self.out = nn.Linear(last, 1)
+        self.num_dense = max(1, num_dense)
+        self.dense_arch = DenseArch(self.num_dense, list(cfg.bottom_mlp))
+        width = (num_tables + 1) * cfg.embedding_dim
+        cross = LowRankCrossNet(width, num_layers=cfg.dcn_layers, low_rank=cfg.dcn_rank)
+        self.inter_arch = InteractionDCNArch(num_sparse_features=num_tables, crossnet=cross)
+        self.over_arch = OverArch(width, list(cfg.top_mlp))
 
     def forward(self, dense: torch.Tensor, sparse: KeyedTensor) -> torch.Tensor:
-        x = torch.cat([dense, sparse.values()], dim=1)
-        return self.out(self.mlp(self.cross(x))).squeeze(-1)
+        if dense.shape[1] == 0:
+            dense = torch.ones(dense.shape[0], 1, dtype=torch.float32, device=dense.device)
+        stacked = sparse.values().view(dense.shape[0], len(sparse.keys()), -1)  # [B, tables, dim]
+        return self.over_arch(self.inter_arch(self.dense_arch(dense), stacked)).squeeze(-1)
 
 
 def build_dense_model(cfg: ModelConfig, num_dense: int, num_tables: int) -> nn.Module:
