@@ -302,3 +302,54 @@ def _catch(fn, into: list) -> None:
         fn()
     except BaseException as exc:
         into.append(exc)
+
+
+def _pooled_grads(fast: bool, base, indices, offsets, features, batch, weights):
+    import trainers.cache as cache_module
+
+    saved = cache_module._FBGEMM_LOOKUP
+    cache_module._FBGEMM_LOOKUP = saved if fast else None
+    try:
+        leaf = base.clone().requires_grad_(True)
+        out = cache_module.pooled_lookup(leaf, indices, offsets, features, batch)
+        (out * weights).sum().backward()
+        return out.detach(), leaf.grad
+    finally:
+        cache_module._FBGEMM_LOOKUP = saved
+
+
+@pytest.fixture
+def deterministic():
+    """As every trainer runs (trainers.trainer.main), restored afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_pooled_lookup_gives_the_same_bits_whatever_slots_the_rows_sit_in(fast, deterministic):
+    """What makes a cached run equal local bit for bit: relabel the leaf's rows (other slots, as a
+    cache gives them) and every row still gets the same pooled values and the same gradient bits."""
+    import trainers.cache as cache_module
+
+    if fast:
+        assert cache_module._FBGEMM_LOOKUP is not None, "fbgemm's dense lookup is missing: the CPU path got slower"
+    rng = np.random.default_rng(5)
+    features, batch, dim, rows = 3, 64, 5, 40
+    lengths = rng.integers(0, 5, features * batch)  # empty bags included
+    lengths[0] = 0
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    indices = torch.from_numpy(rng.integers(0, rows, int(lengths.sum())).astype(np.int64))  # many repeats
+    base = torch.from_numpy(rng.standard_normal((rows, dim)).astype(np.float32))
+    weights = torch.from_numpy(rng.standard_normal((batch, features * dim)).astype(np.float32))
+    out, grad = _pooled_grads(fast, base, indices, offsets, features, batch, weights)
+    perm = torch.from_numpy(rng.permutation(rows))  # new label of each row
+    relabeled = torch.empty_like(base)
+    relabeled[perm] = base
+    out2, grad2 = _pooled_grads(fast, relabeled, perm[indices], offsets, features, batch, weights)
+    assert torch.equal(out, out2) and torch.equal(grad, grad2[perm])
+    assert torch.equal(out[0, :dim], torch.zeros(dim))  # the empty bag
+    # The two paths pool to the same bits; their gradients sum in another order (allclose only).
+    out_other, grad_other = _pooled_grads(not fast, base, indices, offsets, features, batch, weights)
+    assert torch.equal(out, out_other) and torch.allclose(grad, grad_other, rtol=1e-5, atol=1e-6)

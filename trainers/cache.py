@@ -16,6 +16,8 @@ one trainer the arithmetic is exactly that of the all-in-memory reference.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -54,7 +56,7 @@ class SlotCache:
         return self.rows.index_select(0, slots)
 
     def lookup(self, kjt: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor, torch.Tensor]:
-        """Embeddings of a KJT of slots (one id per sample and table).
+        """Pooled embeddings of a KJT of slots (a bag of slots per sample and table, summed).
 
         Returns the KeyedTensor for the model, the leaf tensor of distinct rows
         (its ``.grad`` is the gradient per distinct row after backward), and
@@ -62,11 +64,12 @@ class SlotCache:
         """
         keys = kjt.keys()
         values = kjt.values()
-        batch = values.numel() // len(keys)
         uniq, inverse = torch.unique(values, sorted=True, return_inverse=True)
-        leaf = self.rows.index_select(0, uniq)[:, : self.dim].detach().requires_grad_(True)
-        emb = leaf[inverse].view(len(keys), batch, self.dim).transpose(0, 1).reshape(batch, -1)
-        return KeyedTensor(keys=keys, length_per_key=[self.dim] * len(keys), values=emb), leaf, uniq
+        # One copy of each distinct row; every lookup of it reads that copy, so autograd sums the
+        # row's gradients in the leaf (in batch order: the same bits whatever slots the rows sit in).
+        leaf = self.rows.index_select(0, uniq)[:, : self.dim].contiguous().detach().requires_grad_(True)
+        pooled = pooled_lookup(leaf, inverse, kjt.offsets().to(torch.int64), len(keys), kjt.stride())
+        return KeyedTensor(keys=keys, length_per_key=[self.dim] * len(keys), values=pooled), leaf, uniq
 
     @torch.no_grad()
     def apply_gradients(self, slots: torch.Tensor, grads: torch.Tensor) -> None:
@@ -85,6 +88,50 @@ class SlotCache:
         rows[:, : self.dim] = w
         rows[:, self.dim] = state
         self.rows.index_copy_(0, slots, rows)
+
+
+def _fbgemm_lookup():
+    """fbgemm's dense table-batched lookup (pooled forward, a dense gradient per row), or None."""
+    try:
+        import fbgemm_gpu  # noqa: F401  (registers the operators)
+
+        return torch.ops.fbgemm.dense_embedding_codegen_lookup_function
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+_FBGEMM_LOOKUP = _fbgemm_lookup()
+
+
+def pooled_lookup(leaf: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, features: int,
+                  batch: int) -> torch.Tensor:
+    """Sum-pool rows of ``leaf`` [n, D] into [batch, features * D].
+
+    ``indices`` are rows of ``leaf``, bag after bag, feature-major (KJT order: every sample's bag of
+    feature 0, then feature 1, ...); ``offsets`` [features * batch + 1] delimit the bags; an empty
+    bag pools to zero. On the CPU this is fbgemm's dense table-batched lookup with every feature
+    reading the one leaf table (about twice as fast as gathering then reshaping, and its gradient
+    per row accumulates in bag order, so it is the same bits for every policy); elsewhere, or
+    without fbgemm, a gather and a sum per bag (``index_add_``), whose backward (a deterministic
+    accumulating index_put under ``torch.use_deterministic_algorithms``) is as independent of the
+    rows' slots. Not ``F.embedding_bag``: its gradient's summation order follows the row labels,
+    so a cache's slots would change the bits (tests/test_trainer_core.py holds both paths to this).
+    """
+    n, dim = leaf.shape
+    if _FBGEMM_LOOKUP is not None and leaf.device.type == "cpu" and n > 0:
+        return _FBGEMM_LOOKUP(
+            dev_weights=leaf.reshape(-1),
+            weights_offsets=torch.zeros(features, dtype=torch.int64),
+            D_offsets=torch.arange(0, (features + 1) * dim, dim, dtype=torch.int32),
+            total_D=features * dim, max_D=dim,
+            hash_size_cumsum=torch.tensor([0] * features + [n], dtype=torch.int64),
+            total_hash_size_bits=int(math.log2(n)) + 1,
+            indices=indices, offsets=offsets, pooling_mode=0,  # PoolingMode.SUM
+            indice_weights=None, feature_requires_grad=None, output_dtype=0)  # SparseType.FP32
+    bag_of = torch.repeat_interleave(torch.arange(features * batch, device=leaf.device), offsets.diff())
+    bags = torch.zeros(features * batch, dim, dtype=leaf.dtype, device=leaf.device)
+    bags = bags.index_add(0, bag_of, leaf[indices]) if n else bags
+    return bags.view(features, batch, dim).transpose(0, 1).reshape(batch, features * dim)
 
 
 def slots_kjt(table_names: list[str], read_slots: torch.Tensor) -> KeyedJaggedTensor:
