@@ -20,8 +20,7 @@ from bagpipe.wire import Plan
 from trainers.cache import SlotCache, slots_kjt
 from trainers.embeddings import Embeddings, LocalEmbeddings
 from trainers.models import build_dense_model
-from trainers.mutants import SkipSyncStep
-from trainers.step import Communicator, SoloCommunicator, Step
+from trainers.step import Communicator, SkipSyncStep, SoloCommunicator, Step
 from trainers.storeio import StoreIO, StoreIOError
 
 CPU = torch.device("cpu")

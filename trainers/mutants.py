@@ -6,7 +6,7 @@ returns the classes the trainer is built from. Each variant overrides one
 rule of the real class, so the hot path never asks whether it is planted.
 
 Mutants (the harness fails if one goes unnoticed):
-- ``skip-sync``: a step that skips combining shared rows' gradients;
+- ``skip-sync``: a step that skips combining shared rows' gradients (``trainers.step.SkipSyncStep``);
 - ``fetch-before-writeback``: write-backs held back three iterations and
   fetches that ignore versions, i.e. a fetch may read a row before its
   write-back landed.
@@ -24,18 +24,10 @@ import time
 import numpy as np
 
 from bagpipe.faults import Fault
-from trainers.step import Step
 from trainers.storeio import StoreIO
 
 MUTANT_ENV = "BAGPIPE_MUTANT"
 MUTANTS = ("skip-sync", "fetch-before-writeback")
-
-
-class SkipSyncStep(Step):
-    """Mutant: every rank updates its rows with its own gradients only."""
-
-    def rows_to_update(self, uniq, local_grads, sync_slots, sync_grads):
-        return uniq, local_grads
 
 
 class StaleReadStoreIO(StoreIO):
@@ -94,15 +86,26 @@ class LateWritebackStoreIO(StoreIO):
             self._put(op)
 
 
-def select(environ=os.environ) -> tuple[type[Step], type[StoreIO], dict]:
-    """The step class, the store-I/O class and its extra arguments for this process (read once)."""
+def _mutant(environ) -> str:
     mutant = environ.get(MUTANT_ENV, "")
     if mutant and mutant not in MUTANTS:
         raise ValueError(f"${MUTANT_ENV}={mutant!r}: unknown mutant (one of {', '.join(MUTANTS)})")
+    return mutant
+
+
+def select_step(environ=os.environ) -> type:
+    """The step class for this process (read once). Imported here, not above: the store agent
+    selects its store I/O from this module and must not pay for importing torch."""
+    from trainers.step import SkipSyncStep, Step
+
+    return SkipSyncStep if _mutant(environ) == "skip-sync" else Step
+
+
+def select_store_io(environ=os.environ) -> tuple[type[StoreIO], dict]:
+    """The store-I/O class and its extra arguments for this process (read once)."""
     fault = Fault.from_env()
-    step: type[Step] = SkipSyncStep if mutant == "skip-sync" else Step
-    if mutant == "fetch-before-writeback":
-        return step, StaleReadStoreIO, {}
+    if _mutant(environ) == "fetch-before-writeback":
+        return StaleReadStoreIO, {}
     if fault is not None and fault.kind == "writeback-delay":
-        return step, LateWritebackStoreIO, {"fault": fault}
-    return step, StoreIO, {}
+        return LateWritebackStoreIO, {"fault": fault}
+    return StoreIO, {}

@@ -167,6 +167,13 @@ class Step:
         return torch.cat([uniq[local], sync_slots]), torch.cat([local_grads[local], sync_grads])
 
 
+class SkipSyncStep(Step):
+    """Planted bug (``trainers.mutants``): every rank updates its rows with its own gradients only."""
+
+    def rows_to_update(self, uniq, local_grads, sync_slots, sync_grads):
+        return uniq, local_grads
+
+
 def _isin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if b.numel() == 0:
         return torch.zeros_like(a, dtype=torch.bool)

@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         table_sizes = [n for _, n in Dataset(cfg.data).tables]
         store = EmbeddingStore(cfg.store_config(endpoints.get("redis_cluster_url")), endpoints["redis"],
                                cfg.embedding_dim, cfg.state_width, table_sizes)
-        _, io_cls, io_kwargs = mutants.select()
+        io_cls, io_kwargs = mutants.select_store_io()
         io = io_cls(store, wait_timeout_s=args.wait_timeout, **io_kwargs)
         chan.send(READY)
         _AgentLoop(chan, requests, rows, io, store.width).run()

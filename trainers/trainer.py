@@ -297,10 +297,11 @@ class Trainer:
 def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, environ=os.environ,
           placement: Placement | None = None) -> Trainer:
     """A trainer for this rank: its embeddings by the policy table, its step and store I/O by
-    ``trainers.mutants.select`` (planted bugs and faults are chosen here, once)."""
+    ``trainers.mutants`` (planted bugs and faults are chosen here, once)."""
     from trainers import mutants
 
-    step_cls, io_cls, io_kwargs = mutants.select(environ)
+    step_cls = mutants.select_step(environ)
+    io_cls, io_kwargs = mutants.select_store_io(environ)
     device = pick_device(cfg.device)
     dataset = Dataset(cfg.data)
     reader = dataset.batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, world_size=comm.world,
