@@ -54,8 +54,8 @@ def plan_placement(mode: str, local_trainers: int, cores: list[int] | None = Non
     are shared out evenly among the trainers (at least one each); what an
     even share leaves over goes to the other processes too.
     """
-    if mode == "none":
-        return Placement()
+    if mode != "auto":
+        return Placement()  # "none": nothing pinned
     cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
     if len(cores) < local_trainers + 1:
         return Placement(mode=mode, reason=f"{len(cores)} cores cannot give {local_trainers} trainer(s) one each "
