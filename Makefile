@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast clean-venv redis kernels
+.PHONY: setup test test-fast clean-venv redis kernels gpu-bundle
 
 setup: $(STAMP) redis kernels
 
@@ -32,3 +32,7 @@ test-fast: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Wheels and Debian's redis-server for a GPU machine without a network (docs/gpu.md); needs `make setup`.
+gpu-bundle: setup
+	PY=$(VPY) bash scripts/gpu-bundle.sh

@@ -12,12 +12,18 @@ leaf tensor, autograd sums the gradient per distinct row (deterministically,
 in batch order), the trainer all-reduces the rows the plan lists, and one
 vectorised row-wise update writes the new values back into the slots. With
 one trainer the arithmetic is exactly that of the all-in-memory reference.
+
+On CUDA, rows and indices come from the host without making the host wait
+(``to_device``), and rows fetched from the store go into their slots through
+a side stream (``RowInstaller``). On the CPU both are the plain tensors, so
+the CPU's arithmetic is unchanged.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -140,3 +146,67 @@ def slots_kjt(table_names: list[str], read_slots: torch.Tensor) -> KeyedJaggedTe
     values = read_slots.t().reshape(-1).to(torch.int64)
     lengths = torch.ones(values.numel(), dtype=torch.int32, device=values.device)
     return KeyedJaggedTensor(keys=table_names, values=values, lengths=lengths, stride=batch)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``; on CUDA, without making the host wait.
+
+    ``torch.from_numpy(a).to(cuda)`` copies from pageable memory, and PyTorch then
+    synchronises the stream: the host waits for every kernel queued before the
+    copy, so it cannot queue the next phase while the GPU runs this one. Here the
+    array goes into pinned memory first (PyTorch's caching host allocator, which
+    keeps the block until the copy reading it has completed) and the copy to the
+    device is asynchronous, in the order of the current stream: kernels queued
+    after it on that stream see the data. On the CPU it is ``torch.from_numpy``.
+    """
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class RowInstaller:
+    """Puts rows from the host into cache slots; on CUDA the copy runs on a side stream.
+
+    The rows a plan installs arrive from the store while the previous step's
+    kernels may still be running. On the compute stream their copy would queue
+    behind those kernels; on a side stream it runs beside them (copy engine and
+    SMs at once). The ordering that makes this correct:
+
+    * the compute stream waits for an event recorded after the copy before the
+      ``index_copy_`` that puts the rows in their slots, so that write, and the
+      lookup after it, see the copied rows (``_order``);
+    * the device buffers were allocated on the side stream but are read on the
+      compute stream: ``record_stream`` keeps the allocator from handing them to
+      the next install's copy before that read has run (``_keep``);
+    * the pinned host buffers are protected by PyTorch's host allocator (``to_device``).
+
+    The side stream waits for nothing: it writes fresh buffers, never the slots.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, cache: SlotCache, slots: np.ndarray, rows: np.ndarray) -> None:
+        if self.stream is None:
+            cache.write(to_device(slots.astype(np.int64), self.device), to_device(rows, self.device))
+            return
+        if len(slots) == 0:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            dev_slots = to_device(slots.astype(np.int64), self.device)
+            dev_rows = to_device(np.ascontiguousarray(rows, np.float32), self.device)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        self._order(compute, copied)
+        self._keep(compute, dev_slots, dev_rows)
+        cache.write(dev_slots, dev_rows)
+
+    def _order(self, compute: torch.cuda.Stream, copied: torch.cuda.Event) -> None:
+        compute.wait_event(copied)
+
+    def _keep(self, compute: torch.cuda.Stream, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            t.record_stream(compute)

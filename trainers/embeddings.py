@@ -26,7 +26,7 @@ import torch
 from bagpipe.config import CacheConfig
 from bagpipe.keys import ROW_BITS, batch_keys, initial_rows, key_row, key_table, trainer_keys
 from bagpipe.wire import Plan
-from trainers.cache import SlotCache
+from trainers.cache import RowInstaller, SlotCache
 
 _CHUNK = 1 << 18  # rows per chunk when streaming every touched row out
 
@@ -106,7 +106,9 @@ class LocalEmbeddings(Embeddings):
         self.offsets = np.concatenate([[0], np.cumsum(self.table_sizes)[:-1]]).astype(np.int64)
         total = int(self.table_sizes.sum())
         self.cache = SlotCache(total, dim, cfg.state_width, device, cfg.optimizer, cfg.lr, cfg.eps)
-        self.touched = torch.zeros(total, dtype=torch.bool)
+        # On the device, so marking the rows a step updated costs no wait for that step (a copy to the
+        # host would make the CPU wait for the optimizer's kernels every iteration).
+        self.touched = torch.zeros(total, dtype=torch.bool, device=device)
         self.plans = LocalPlans(self.offsets, sparse, rank, world)
         for t, n in enumerate(self.table_sizes.tolist()):
             for lo in range(0, n, 1 << 20):
@@ -123,14 +125,14 @@ class LocalEmbeddings(Embeddings):
 
     def updated(self, slots: torch.Tensor) -> None:
         # Every row updated here, including rows only other ranks read (synced).
-        self.touched[slots.cpu()] = True
+        self.touched[slots] = True
 
     def rows_for(self, keys: np.ndarray) -> np.ndarray:
         slots = torch.from_numpy(self._slots(keys))
         return self.cache.rows[slots.to(self.device)].cpu().numpy()
 
     def touched_rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        idx = torch.nonzero(self.touched).squeeze(1).numpy()
+        idx = torch.nonzero(self.touched).squeeze(1).cpu().numpy()
         for lo in range(0, len(idx), _CHUNK):
             part = idx[lo:lo + _CHUNK]
             table = np.searchsorted(self.offsets, part, side="right") - 1
@@ -139,8 +141,8 @@ class LocalEmbeddings(Embeddings):
 
     def restore(self, chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
         for keys, values in chunks:
-            slots = torch.from_numpy(self._slots(keys))
-            self.cache.write(slots.to(self.device), torch.from_numpy(values).to(self.device))
+            slots = torch.from_numpy(self._slots(keys)).to(self.device)
+            self.cache.write(slots, torch.from_numpy(values).to(self.device))
             self.touched[slots] = True
 
 
@@ -160,6 +162,7 @@ class CachedEmbeddings(Embeddings):
         # policy is bounded, and says how many slots an unbounded policy needs as it goes.
         self.cache = SlotCache(0, dim, cfg.state_width, device, cfg.optimizer, cfg.lr, cfg.eps,
                                limit=cfg.cache_rows if bounded else None)
+        self.installer = RowInstaller(device)  # on CUDA: pinned memory, a side stream (trainers.cache)
 
     def next_plan(self, iteration: int) -> Plan:
         return self.client.next_plan(iteration)
@@ -170,8 +173,7 @@ class CachedEmbeddings(Embeddings):
         t0 = time.perf_counter()
         rows = self.io.take(plan.install_ids)
         stall = time.perf_counter() - t0
-        self.cache.write(torch.from_numpy(plan.install_slots.astype(np.int64)).to(self.device),
-                         torch.from_numpy(rows).to(self.device))
+        self.installer(self.cache, plan.install_slots, rows)
         return stall
 
     def after_step(self, iteration: int, plan: Plan) -> int:

@@ -13,6 +13,7 @@ a ``SoloCommunicator`` or a fake one in-process, and with gloo in two.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from bagpipe.dataset import Batch
 from bagpipe.wire import Plan
-from trainers.cache import slots_kjt
+from trainers.cache import slots_kjt, to_device
 from trainers.embeddings import Embeddings
 
 # The phases a step is timed in (seconds per iteration in metrics.json; see StepResult.times).
@@ -83,10 +84,18 @@ class Step:
         self.model, self.dense_opt, self.comm = model, dense_opt, comm
         self.table_names, self.global_batch, self.device = table_names, global_batch, device
         self.dense_params = list(model.parameters())
+        # On CUDA a phase's kernels are queued, not run, when its clock stops: the times say where the
+        # host spends its time. BAGPIPE_SYNC_TIMERS=1 makes each clock wait for the device first (one
+        # synchronisation per phase, for profiling: it takes away the overlap it measures).
+        self.sync_timers = device.type == "cuda" and os.environ.get("BAGPIPE_SYNC_TIMERS") == "1"
+
+    def _synced_clock(self) -> float:
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def __call__(self, i: int, plan: Plan, emb: Embeddings, batch: Batch) -> StepResult:
         dev = self.device
-        clock = time.perf_counter
+        clock = self._synced_clock if self.sync_timers else time.perf_counter
         times = {}
         t = clock()
         stall = emb.install(plan)
@@ -94,9 +103,9 @@ class Step:
         if plan.n_join:
             self.join(plan, emb)
         times["join"], t = clock() - t, clock()
-        dense = torch.from_numpy(batch.dense).to(dev)
-        labels = torch.from_numpy(batch.labels).to(dev)
-        read_slots = torch.from_numpy(plan.read_slots.astype(np.int64)).to(dev)
+        dense = to_device(batch.dense, dev)
+        labels = to_device(batch.labels, dev)
+        read_slots = to_device(plan.read_slots.astype(np.int64), dev)
         kt, leaf, uniq = emb.cache.lookup(slots_kjt(self.table_names, read_slots))
         logits = self.model(dense, kt)
         # Sum over the local batch / global batch: summed over ranks this is the global mean.
@@ -125,9 +134,9 @@ class Step:
         """
         dev, cache = self.device, emb.cache
         buf = torch.zeros(plan.n_join, cache.width, device=dev)
-        send = torch.from_numpy(plan.join_send.astype(bool)).to(dev)
-        join_pos = torch.from_numpy(plan.join_pos.astype(np.int64)).to(dev)
-        join_slots = torch.from_numpy(plan.join_slots.astype(np.int64)).to(dev)
+        send = to_device(plan.join_send.astype(bool), dev)
+        join_pos = to_device(plan.join_pos.astype(np.int64), dev)
+        join_slots = to_device(plan.join_slots.astype(np.int64), dev)
         if send.any():
             buf[join_pos[send]] = cache.read(join_slots[send])
         self.comm.all_reduce(buf)
@@ -144,8 +153,8 @@ class Step:
         n_dense = sum(g.numel() for g in dense_grads)
         buf = torch.zeros(n_dense + plan.n_sync * dim, device=dev)
         buf[:n_dense] = torch.cat(dense_grads)
-        sync_pos = torch.from_numpy(plan.sync_pos.astype(np.int64)).to(dev)
-        sync_slots = torch.from_numpy(plan.sync_slots.astype(np.int64)).to(dev)
+        sync_pos = to_device(plan.sync_pos.astype(np.int64), dev)
+        sync_slots = to_device(plan.sync_slots.astype(np.int64), dev)
         # Position of each synced slot among this iteration's distinct local rows (-1: not read here).
         where = torch.searchsorted(uniq, sync_slots)
         where = torch.clamp(where, max=max(0, len(uniq) - 1))

@@ -45,11 +45,23 @@ class TrainerError(RuntimeError):
     pass
 
 
-def pick_device(setting: str) -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise TrainerError("config key 'device': cuda requested but CUDA is not available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+def pick_device(setting: str, environ=os.environ) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK, or the CPU.
+
+    Each rank on a node needs a GPU of its own (nccl refuses two ranks on one
+    device), so ``auto`` takes CUDA only when there are as many GPUs as local
+    ranks (torchrun's LOCAL_WORLD_SIZE), and ``cuda`` with too few is an error.
+    """
+    if setting == "cpu":
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local_rank, local_world = int(environ.get("LOCAL_RANK", 0)), int(environ.get("LOCAL_WORLD_SIZE", 1))
+    if gpus >= local_world:
+        return torch.device("cuda", local_rank)
+    if setting == "cuda":
+        raise TrainerError("config key 'device': cuda requested but CUDA is not available" if not gpus else
+                           f"config key 'device': cuda for {local_world} trainers on this node, but "
+                           f"{gpus} GPU(s) are visible (each trainer needs its own; set trainers <= {gpus})")
     return torch.device("cpu")
 
 
@@ -210,7 +222,7 @@ class Trainer:
         dense = torch.load(path / "dense.pt", map_location=self.device, weights_only=True)
         self.model.load_state_dict(dense["model"])
         self.dense_opt.load_state_dict(dense["optimizer"])
-        torch.set_rng_state(dense["torch_rng"])
+        torch.set_rng_state(dense["torch_rng"].cpu())  # map_location moved it to the device
         self.emb.restore(read_rows(path))
 
     # ------------------------------------------------------------ results
@@ -351,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     run.write_rank_pid(rank, os.getpid())
     cfg = RunConfig.from_dict(run.read_config())
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # cuBLAS's reproducible mode (read when its first handle is made): on CUDA, every policy's run must do
+    # the same arithmetic as every other's.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     placement = Placement.from_dict(run.placement()) if run.placement() else Placement()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     cores = placement.trainer_cpus(local_rank)
@@ -358,8 +373,18 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, cores)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(cfg.trainer_threads or (len(cores) if cores else max(1, (os.cpu_count() or 2) // local_world)))
+    try:
+        device = pick_device(cfg.device)  # build() picks the same one
+    except TrainerError as exc:
+        log.error("rank %d failed: %s", rank, exc)
+        return 1
+    if device.type == "cpu" and cfg.device == "auto" and torch.cuda.is_available() and rank == 0:
+        log.warning("%s trainers on this node and %d GPU(s): training on the CPU (each trainer needs a GPU "
+                    "of its own)", os.environ.get("LOCAL_WORLD_SIZE", "1"), torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl's communicators and barriers use the current device
     if world > 1:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     comm = DistCommunicator() if world > 1 else SoloCommunicator()
     trainer = None
     try:
