@@ -144,10 +144,15 @@ class _Ops(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("model_name", ["dlrm", "dcn"])
-def test_the_trainer_path_runs_no_fbgemm_operator(model_name):
+def test_the_trainer_path_runs_no_fbgemm_operator(model_name, monkeypatch):
     """KeyedJaggedTensor, KeyedTensor and the arches are used only through plain torch operators, so
-    the bundle's CPU build of fbgemm (no CUDA kernels) is all a CUDA trainer needs of it."""
+    the bundle's CPU build of fbgemm (no CUDA kernels) is all a CUDA trainer needs of it. (On the CPU
+    the pooled lookup takes fbgemm's dense operator; off it, ``trainers.cache.pooled_lookup`` takes
+    the plain-torch path, which is what this traces.)"""
     import fbgemm_gpu  # noqa: F401  (its operators registered, as in a trainer)
+    import trainers.cache
+
+    monkeypatch.setattr(trainers.cache, "_FBGEMM_LOOKUP", None)  # the path a CUDA device takes
 
     from bagpipe.config import CacheConfig, ModelConfig
     from bagpipe.dataset import Batch
