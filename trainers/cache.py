@@ -74,7 +74,12 @@ class SlotCache:
         # One copy of each distinct row; every lookup of it reads that copy, so autograd sums the
         # row's gradients in the leaf (in batch order: the same bits whatever slots the rows sit in).
         leaf = self.rows.index_select(0, uniq)[:, : self.dim].contiguous().detach().requires_grad_(True)
-        pooled = pooled_lookup(leaf, inverse, kjt.offsets().to(torch.int64), len(keys), kjt.stride())
+        # Offsets from the lengths here, not kjt.offsets(): torchrec computes those with an fbgemm
+        # operator that a CPU build of fbgemm lacks on CUDA.
+        lengths = kjt.lengths().to(torch.int64)
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        pooled = pooled_lookup(leaf, inverse, offsets, len(keys), kjt.stride())
         return KeyedTensor(keys=keys, length_per_key=[self.dim] * len(keys), values=pooled), leaf, uniq
 
     @torch.no_grad()
