@@ -796,11 +796,13 @@ def check_out(cfg: PrepareConfig) -> None:
         raise PrepareError(f"--out {out}: not empty ({len(entries)} entries, e.g. {entries[0].name}) and not a "
                            "dataset made by `bagpipe data prepare`; give a new or empty directory")
     for e in entries:
-        ours = e.name == "meta.json" or (e.name in _OUTPUT_DIRS and e.is_dir() and not e.is_symlink() and all(
-            f.suffix == ".parquet" and f.is_file() and not f.is_symlink() for f in e.iterdir()))
-        if not ours:
-            raise PrepareError(f"--out {out}: holds {e}, which `bagpipe data prepare` did not write; "
-                               "give a new or empty directory")
+        if e.name == "meta.json" and e.is_file():
+            continue
+        inside = sorted(e.iterdir()) if e.name in _OUTPUT_DIRS and e.is_dir() and not e.is_symlink() else [e]
+        for f in inside:
+            if f is e or f.suffix != ".parquet" or not f.is_file() or f.is_symlink():
+                raise PrepareError(f"--out {out}: holds {f}, which `bagpipe data prepare` did not write; "
+                                   "give a new or empty directory")
     if not cfg.replace:
         raise PrepareError(f"--out {out}: already holds a prepared dataset; pass --replace to replace it")
 
