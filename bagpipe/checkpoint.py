@@ -69,6 +69,13 @@ class Checkpoints:
     def __init__(self, run_dir: Path) -> None:
         self.root = Path(run_dir) / "checkpoints"
 
+    def latest_name(self) -> str | None:
+        """What ``LATEST`` names (None: no checkpoint yet), unchecked."""
+        try:
+            return (self.root / "LATEST").read_text().strip() or None
+        except OSError:
+            return None
+
     def latest(self) -> Path | None:
         pointer = self.root / "LATEST"
         if not pointer.exists():
@@ -114,9 +121,10 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             if not isinstance(exc, OSError):
                 raise
+            before = self.latest_name()
             raise CheckpointError(f"checkpoint after iteration {iteration}: cannot write {at}: "
                                   f"{exc.strerror or exc} (the partial checkpoint was removed; "
-                                  f"{self.root / 'LATEST'} still names the previous one)") from None
+                                  + (f"the previous one, {before}, is intact)" if before else "no earlier one)")) from None
         for old in sorted(p for p in self.root.glob("iter-*") if p.name != name)[:-(keep - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -373,8 +373,9 @@ _CONSEQUENCE = re.compile(r"Connection closed by peer|Connection reset by peer|B
                           r"trainer \d+ stopped: |trainer \d+ is gone|node \d+ failed: ")
 # A Python exception's last traceback line ("module.SomeError: message"): a child's reason when it
 # logged no ERROR line of its own.
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): \S")
-_LOG_PREFIX = re.compile(r"^\d\d:\d\d:\d\d ERROR ")
+_RANK = r"^(?:\[(?:default)?rank\d+\]:\s*)?"  # torchrun's prefix on a worker's lines, when it adds one
+_EXCEPTION_LINE = re.compile(_RANK + r"[A-Za-z_][\w.]*(Error|Exception|Interrupt): \S")
+_LOG_PREFIX = re.compile(_RANK + r"\d\d:\d\d:\d\d ERROR ")
 ELSEWHERE_WAIT_S = 5.0  # how long a node whose trainers lost a peer waits for another node's cause
 
 
@@ -388,14 +389,15 @@ def _reasons(lines: list[str]) -> list[str]:
 def failure_summary(failed: list[tuple[str, int, int | None, list[str]]], elsewhere: str | None = None) -> str:
     """What a job's failure says: its first line the first cause, quoted whole.
 
-    ``failed`` holds (name, pid, exit code, log lines) per failed child, the
-    trainers first. Reasons that only report another process's failure
-    (``_CONSEQUENCE``) come after the others; ``elsewhere`` (another node's
-    report) leads when every reason here is such a consequence.
+    ``failed`` holds (name, pid, exit code or None if still running, log
+    lines) per child that failed or logged an error, the trainers first.
+    Reasons that only report another process's failure (``_CONSEQUENCE``)
+    come after the others; ``elsewhere`` (another node's report) leads when
+    every reason here is such a consequence.
     """
     quoted = []
     for k, (name, pid, rc, lines) in enumerate(failed):
-        head = f"{name} (pid {pid}) exited with code {rc}"
+        head = f"{name} (pid {pid}) " + (f"exited with code {rc}" if rc is not None else "is stopping")
         for j, reason in enumerate(_reasons(lines)):
             quoted.append(((bool(_CONSEQUENCE.search(reason)), k, j), f"{head}: {reason}"))
     quoted.sort(key=lambda q: q[0])
@@ -404,7 +406,8 @@ def failure_summary(failed: list[tuple[str, int, int | None, list[str]]], elsewh
     if elsewhere and not own_cause:
         lines.insert(0, elsewhere)
     if not lines:
-        lines = [f"{name} (pid {pid}) exited with code {rc} (no error in its log)" for name, pid, rc, _ in failed]
+        lines = [f"{name} (pid {pid}) exited with code {rc} (no error in its log)" for name, pid, rc, _ in failed
+                 if rc is not None]
     for name, pid, rc, log_lines in failed:  # then the end of each log, for context
         lines.append(f"the end of the {name} log:")
         lines += [f"  {ln}" for ln in log_lines[-8:]]
@@ -431,9 +434,13 @@ def _watch(children: list[Child], run: RunDir, quiet: bool, elsewhere=lambda: No
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline and not all(c.proc.poll() is not None for c in children):
                 time.sleep(0.1)
-            failed = sorted((c for c in children if _failed(c, trainers)), key=lambda c: c is not trainers)
-            logs = [(c.name, c.proc.pid, c.proc.poll(), run.log(c.name).read_text(errors="replace").strip().splitlines())
-                    for c in failed]
+            # Children still running count when they logged an error: torchrun outlives its
+            # failed rank by seconds, and that rank's error is often the cause.
+            logs = []
+            for c in sorted(children, key=lambda c: c is not trainers):
+                lines = run.log(c.name).read_text(errors="replace").strip().splitlines()
+                if _failed(c, trainers) or (c.proc.poll() is None and _reasons(lines)):
+                    logs.append((c.name, c.proc.pid, c.proc.poll(), lines))
             other = _quietly(elsewhere)
             wait_until = time.monotonic() + wait_elsewhere_s
             while other is None and time.monotonic() < wait_until and not _has_own_cause(logs):
