@@ -15,7 +15,9 @@ A checkpoint after iteration ``k`` is a directory ``checkpoints/iter-<k>``:
   format version and a SHA-256 of every file.
 
 It is written into ``checkpoints/.tmp-<k>`` and renamed into place only when
-complete, then ``checkpoints/LATEST`` is replaced atomically. Why Parquet
+complete, then ``checkpoints/LATEST`` is replaced atomically. A write that
+fails (a full disk) removes the temporary directory and raises
+``CheckpointError`` naming the file; the previous checkpoint stays. Why Parquet
 rows rather than Redis ``BGSAVE``: it works the same for servers the job
 started, servers it was pointed at and a Redis Cluster, it is checksummed,
 and a resume can load it into any number of shards.
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from bagpipe.rundir import save_torch, write_atomic
 
 FORMAT_VERSION = 1
 # Config keys whose change makes a different model (a resume must match them all). Not among
@@ -65,6 +69,13 @@ class Checkpoints:
     def __init__(self, run_dir: Path) -> None:
         self.root = Path(run_dir) / "checkpoints"
 
+    def latest_name(self) -> str | None:
+        """What ``LATEST`` names (None: no checkpoint yet), unchecked."""
+        try:
+            return (self.root / "LATEST").read_text().strip() or None
+        except OSError:
+            return None
+
     def latest(self) -> Path | None:
         pointer = self.root / "LATEST"
         if not pointer.exists():
@@ -76,41 +87,57 @@ class Checkpoints:
 
     def write(self, iteration: int, fp: dict, dense_state: dict,
               row_chunks: Iterable[tuple[np.ndarray, np.ndarray]], keep: int = 2) -> Path:
-        """Write the checkpoint after ``iteration`` atomically; keeps the newest ``keep``."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        import torch
+        """Write the checkpoint after ``iteration`` atomically; keeps the newest ``keep``.
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        Only the job holding the run directory's lock writes here, so any
+        temporary directory found is an unfinished write of an earlier launch.
+        """
         name = f"iter-{iteration:09d}"
         tmp = self.root / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        torch.save(dense_state, tmp / "dense.pt")
-        rows, n = 0, 0
-        for keys, values in row_chunks:
-            if len(keys) == 0:
-                continue
-            width = values.shape[1]
-            table = pa.table({"key": pa.array(keys, pa.int64()),
-                              "value": pa.FixedSizeListArray.from_arrays(
-                                  pa.array(values.reshape(-1), pa.float32()), width)})
-            pq.write_table(table, tmp / f"rows-{n:05d}.parquet")
-            rows += len(keys)
-            n += 1
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "fingerprint": fp, "rows": rows,
-                    "files": {f: _sha256(tmp / f) for f in files}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        final = self.root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = self.root / ".LATEST.tmp"
-        pointer.write_text(name)
-        os.replace(pointer, self.root / "LATEST")
+        at = tmp
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+            at = tmp / "dense.pt"
+            save_torch(dense_state, at)
+            rows = 0
+            for n, (keys, values) in enumerate(c for c in row_chunks if len(c[0])):
+                at = tmp / f"rows-{n:05d}.parquet"
+                _write_rows(at, keys, values)
+                rows += len(keys)
+            at = tmp / "manifest.json"
+            files = sorted(p.name for p in tmp.iterdir())
+            manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "fingerprint": fp, "rows": rows,
+                        "files": {f: _sha256(tmp / f) for f in files}}
+            write_atomic(at, json.dumps(manifest, indent=1))
+            final = self.root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            at = self.root / "LATEST"
+            write_atomic(at, name)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(exc, OSError):
+                raise
+            before = self.latest_name()
+            raise CheckpointError(f"checkpoint after iteration {iteration}: cannot write {at}: "
+                                  f"{exc.strerror or exc} (the partial checkpoint was removed; "
+                                  + (f"the previous one, {before}, is intact)" if before else "no earlier one)")) from None
         for old in sorted(p for p in self.root.glob("iter-*") if p.name != name)[:-(keep - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def _write_rows(path: Path, keys: np.ndarray, values: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"key": pa.array(keys, pa.int64()),
+                      "value": pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()),
+                                                                 values.shape[1])})
+    pq.write_table(table, path)
 
 
 def load_manifest(path: Path, expect: dict) -> dict:

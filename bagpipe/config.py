@@ -5,8 +5,9 @@ Each component receives only its own config (``StoreConfig``,
 ``OracleConfig``, ``CacheConfig``, ``ModelConfig``, ``TrainerConfig``), so
 nothing reaches into a global namespace. Each key is validated once, by the
 component config that owns it; ``RunConfig`` checks only the run's own
-keys (iterations, epochs, the kind of store). Every check raises
-``ConfigError`` naming the key at fault.
+keys (iterations, epochs, seed, the kind of store). Every check raises
+``ConfigError`` naming the key at fault; every number is checked for range,
+and every float for being finite (``inf`` and ``nan`` parse as TOML floats).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from bagpipe.policies import NAMES as POLICIES, policy as policy_row
 OPTIMIZERS = ("sgd", "adagrad")
 STORE_IO = ("agent", "thread")
 MODELS = ("dlrm", "dcn")
+INT64_MAX = (1 << 63) - 1
+MAX_CACHE_ROWS = (1 << 31) - 1  # plans address cache slots as int32
 
 
 class ConfigError(ValueError):
@@ -35,6 +39,16 @@ class ConfigError(ValueError):
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _positive(value: float, key: str) -> None:
+    """A float key that must be a finite number > 0."""
+    _require(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {value}")
+
+
+def _non_negative(value: float, key: str) -> None:
+    """A float key that must be a finite number >= 0."""
+    _require(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0, got {value}")
 
 
 def capacity_message(cache_rows: int, trainer: int, need: int, iteration: int | None, smallest: int,
@@ -67,11 +81,11 @@ class StoreConfig:
     def __post_init__(self) -> None:
         _require(self.shards >= 1 or bool(self.cluster_url), "shards", f"must be >= 1, got {self.shards}")
         _require(0 <= self.base_port < 65536, "redis_base_port", f"not a port: {self.base_port}")
-        _require(self.timeout_s > 0, "redis_timeout_s", "must be > 0")
+        _positive(self.timeout_s, "redis_timeout_s")
         _require(self.persistence in ("off", "appendonly"), "redis_persistence", "must be off or appendonly")
         _require(self.appendfsync in ("always", "everysec", "no"), "redis_appendfsync", "must be always, everysec or no")
-        _require(self.latency_us >= 0, "store_latency_us", "must be >= 0")
-        _require(self.bandwidth_gbps >= 0, "store_bandwidth_gbps", "must be >= 0")
+        _non_negative(self.latency_us, "store_latency_us")
+        _non_negative(self.bandwidth_gbps, "store_bandwidth_gbps")
 
     @property
     def password(self) -> str | None:
@@ -127,10 +141,11 @@ class CacheConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _require(self.cache_rows >= 1, "cache_rows", f"must be >= 1, got {self.cache_rows}")
+        _require(1 <= self.cache_rows <= MAX_CACHE_ROWS, "cache_rows",
+                 f"must be in [1, {MAX_CACHE_ROWS}], got {self.cache_rows}")
         _require(self.optimizer in OPTIMIZERS, "optimizer", f"'{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
-        _require(self.lr > 0, "lr", "must be > 0")
-        _require(self.eps > 0, "eps", "must be > 0")
+        _positive(self.lr, "lr")
+        _positive(self.eps, "eps")
 
     @property
     def state_width(self) -> int:
@@ -183,11 +198,11 @@ class TrainerConfig:
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         _require(self.threads >= 0, "trainer_threads", "must be >= 0 (0: automatic)")
-        _require(self.dense_lr > 0, "dense_lr", "must be > 0")
+        _positive(self.dense_lr, "dense_lr")
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
         _require(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
         _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
-        _require(self.plan_timeout_s > 0, "plan_timeout_s", "must be > 0")
+        _positive(self.plan_timeout_s, "plan_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -247,6 +262,9 @@ class RunConfig:
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.cpu_placement in PLACEMENT_MODES, "cpu_placement",
                  f"'{self.cpu_placement}' is not one of {', '.join(PLACEMENT_MODES)}")
+        # The seed orders the data, draws the dense weights and keys every row's initial value
+        # (a uint64 hash): one non-negative 64-bit integer for all three.
+        _require(0 <= self.seed <= INT64_MAX, "seed", f"must be in [0, {INT64_MAX}], got {self.seed}")
         _require(not self.redis_cluster or self.shards >= 3, "shards",
                  f"a Redis Cluster (redis_cluster = true) needs at least 3 masters, got {self.shards}")
         self.oracle_config()
@@ -405,6 +423,8 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
             return bool(value)
         if typ == "int":
             if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if not -INT64_MAX - 1 <= int(value) <= INT64_MAX:
                 raise ValueError(value)
             return int(value)
         if typ == "float":

@@ -21,10 +21,17 @@ With ``shuffle=False`` the stream is the rows in file order. A dataset no
 larger than one window gets a full permutation. Readers keep the last few
 windows they loaded (an LRU), so sequential reads and short look-aheads load
 each window once.
+
+Nothing is read wrong: every page of a prepared file carries a CRC-32
+(Parquet's page checksum, written by ``prepare``) that is verified as it is
+read, every file's schema is checked against the layout, and every row id is
+checked against its table's size in ``meta.json`` as its row group is loaded.
+A failed check raises ``DatasetError`` naming the file, row group and column.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bagpipe.keys import splitmix64
@@ -43,8 +51,33 @@ CACHED_WINDOWS = 2
 _REQUIRED_META = ("version", "format", "rows", "eval_rows", "num_dense", "tables")
 
 
+# How prepared files are written (``data.prepare``): Snappy pages, each with its CRC-32, which
+# every reader here verifies.
+PARQUET_WRITE_OPTIONS = {"compression": "snappy", "write_page_checksum": True}
+
+
 class DatasetError(ValueError):
     """A directory that is not a readable prepared dataset (the message says why)."""
+
+
+def file_schema(num_dense: int, table_names: list[str]) -> pa.Schema:
+    """The columns of every prepared file: label, dense features (float32), one int64 id column per table."""
+    fields = [pa.field("label", pa.float32())]
+    fields += [pa.field(f"dense_{i}", pa.float32()) for i in range(num_dense)]
+    fields += [pa.field(name, pa.int64()) for name in table_names]
+    return pa.schema(fields)
+
+
+def content_hash(root: Path, files: list[str]) -> str:
+    """``meta.json``'s ``content_hash``: sha256 over, per file (relative to ``root``, in order), its
+    relative path, a NUL byte and its bytes."""
+    h = hashlib.sha256()
+    for name in files:
+        h.update(name.encode() + b"\0")
+        with open(root / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -108,17 +141,32 @@ def keyed_permutation(n: int, key: np.uint64) -> np.ndarray:
     return np.argsort(h, kind="stable")
 
 
+def open_parquet(path: Path, schema: pa.Schema) -> pq.ParquetFile:
+    """A prepared file, opened to verify every page's checksum as it is read, its schema checked."""
+    try:
+        f = pq.ParquetFile(path, page_checksum_verification=True)
+        got = f.schema_arrow
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise DatasetError(f"{path}: cannot read Parquet metadata ({exc})") from None
+    if not got.equals(schema):
+        have = {fld.name: fld.type for fld in got}
+        for fld in schema:
+            if have.get(fld.name) != fld.type:
+                found = f"type {have[fld.name]}" if fld.name in have else "no such column"
+                raise DatasetError(f"{path}: column {fld.name}: expected {fld.type}, found {found} "
+                                   "(damaged, or not written by `bagpipe data prepare`)")
+        raise DatasetError(f"{path}: columns {got.names} are not the dataset's {schema.names}")
+    return f
+
+
 class _Groups:
     """The row groups of one split, in file order: (file index, group in file, rows)."""
 
-    def __init__(self, root: Path, files: list[str]) -> None:
+    def __init__(self, root: Path, files: list[str], schema: pa.Schema) -> None:
         self.paths = [root / f for f in files]
         file_of, group_of, rows = [], [], []
         for k, p in enumerate(self.paths):
-            try:
-                md = pq.ParquetFile(p).metadata
-            except (OSError, ValueError) as exc:
-                raise DatasetError(f"{p}: cannot read Parquet metadata ({exc})") from None
+            md = open_parquet(p, schema).metadata
             for g in range(md.num_row_groups):
                 file_of.append(k)
                 group_of.append(g)
@@ -155,6 +203,8 @@ class Dataset:
             raise DatasetError(f"{meta_path}: key 'tables' is empty")
         self.dense_names = [f"dense_{i}" for i in range(self.num_dense)]
         self.sparse_names = [name for name, _ in self.tables]
+        self.schema = file_schema(self.num_dense, self.sparse_names)
+        self.table_sizes = np.array([n for _, n in self.tables], dtype=np.int64)
         # Row ids are held as int32 in memory when every table allows it (half the memory).
         self.id_dtype = np.int32 if max(n for _, n in self.tables) <= np.iinfo(np.int32).max else np.int64
         self._groups: dict[str, _Groups] = {}
@@ -172,12 +222,29 @@ class Dataset:
                 files = self.meta.get("files", {}).get(split)
                 if files is None:  # a directory without the list: every part, in name order
                     files = sorted(p.relative_to(self.path).as_posix() for p in (self.path / split).glob("*.parquet"))
-                g = _Groups(self.path, files)
+                g = _Groups(self.path, files, self.schema)
                 if int(g.rows.sum()) != self.num_rows(split):
                     raise DatasetError(f"{self.path}: the {split} files hold {int(g.rows.sum())} rows, "
                                        f"meta.json says {self.num_rows(split)}")
                 self._groups[split] = g
             return self._groups[split]
+
+    @property
+    def page_checksums(self) -> bool:
+        """Whether prepare wrote a CRC-32 into every page (datasets prepared before it did: no)."""
+        return self.meta.get("page_checksums") is True
+
+    def verify_content_hash(self) -> None:
+        """Read every file once and compare with meta.json's ``content_hash`` (for datasets without
+        page checksums, whose damage no read would find)."""
+        files = [f for split in SPLITS for f in self.meta.get("files", {}).get(split, [])]
+        try:
+            got = content_hash(self.path, files)
+        except OSError as exc:
+            raise DatasetError(f"{self.path}: cannot read {exc.filename or 'a file'} ({exc.strerror})") from None
+        if got != self.meta.get("content_hash"):
+            raise DatasetError(f"{self.path}: the Parquet files do not match meta.json's content_hash "
+                               "(changed or damaged since `bagpipe data prepare` wrote them)")
 
     def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                 world_size: int = 1, rank: int = 0, split: str = "train", *,
@@ -263,14 +330,36 @@ class _Stream:
 
     def _file(self, k: int) -> pq.ParquetFile:
         if k not in self.files:
-            self.files[k] = pq.ParquetFile(self.groups.paths[k])
+            self.files[k] = open_parquet(self.groups.paths[k], self.ds.schema)
         return self.files[k]
+
+    def _read_group(self, g: int, columns: list[str]) -> pa.Table:
+        """Row group g of the split (every page's checksum verified, every id checked against its table)."""
+        k, gi = int(self.groups.file_of[g]), int(self.groups.group_of[g])
+        path = self.groups.paths[k]
+        try:
+            t = self._file(k).read_row_group(gi, columns=columns)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise DatasetError(_damage(path, gi, columns, exc)) from None
+        if t.num_rows != self.groups.rows[g]:
+            raise DatasetError(f"{path}: row group {gi} holds {t.num_rows} rows, its metadata says "
+                               f"{self.groups.rows[g]}")
+        for name in columns:
+            if t.column(name).null_count:
+                raise DatasetError(f"{path}: row group {gi}, column {name}: {t.column(name).null_count} "
+                                   "missing values (prepared data has none)")
+        for name, size in zip(self.ds.sparse_names, self.ds.table_sizes.tolist()):
+            ids = t.column(name).to_numpy()
+            if len(ids) and (ids.min() < 0 or ids.max() >= size):
+                r = int(np.flatnonzero((ids < 0) | (ids >= size))[0])
+                raise DatasetError(f"{path}: row group {gi}, column {name}: id {int(ids[r])} (row {r} of the "
+                                   f"group) is outside the table's {size} rows that meta.json's 'tables' gives")
+        return t
 
     def _load(self, w: int) -> tuple[np.ndarray, ...]:
         """(labels, dense, sparse) of window w, rows in stream order."""
         columns = (["label"] + self.ds.dense_names if self.with_dense else []) + self.ds.sparse_names
-        tables = [self._file(int(self.groups.file_of[g])).read_row_group(int(self.groups.group_of[g]), columns=columns)
-                  for g in self.windows[w]]
+        tables = [self._read_group(int(g), columns) for g in self.windows[w]]
         n = sum(t.num_rows for t in tables)
         sparse = np.empty((n, len(self.ds.sparse_names)), dtype=self.ds.id_dtype)
         rows = n if self.with_dense else 0  # the sparse view loads no labels or dense features
@@ -360,6 +449,16 @@ class SparseBatches:
     def __getitem__(self, i: int) -> np.ndarray:
         i = _check_index(i, len(self), self.cfg)
         return self.stream.rows(i * self.cfg.batch_size, (i + 1) * self.cfg.batch_size)[2]
+
+
+def _damage(path: Path, group: int, columns: list[str], exc: Exception) -> str:
+    """What is wrong with a row group that failed to read: the first of its columns that fails alone."""
+    for name in columns:
+        try:
+            pq.ParquetFile(path, page_checksum_verification=True).read_row_group(group, columns=[name])
+        except (OSError, ValueError, pa.ArrowException) as col_exc:
+            return f"{path}: row group {group}, column {name}: damaged ({col_exc})"
+    return f"{path}: row group {group}: damaged ({exc})"
 
 
 def _check_index(i: int, n: int, cfg: ReadConfig) -> int:

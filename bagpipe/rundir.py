@@ -16,24 +16,107 @@ reader never sees half a file, and a crash leaves the previous one.
     metrics.json      the merged results;  oracle_stats.json  the planner's counters
     metrics.jsonl     one line per evaluation;  progress.json  rank 0's latest figures (the progress bar)
     curves.png        loss, NE and AUC against iterations;  tensorboard/  the same as event files
-    <name>.log        each child's output (oracle, trainers)
+    <name>.log        each child's output (oracle, trainers), fresh per launch; the earlier
+                      launches' as <name>.log.1 (the last) .. <name>.log.LOG_GENERATIONS
+    lock              held (flock) by the job that uses the directory; names its pid
     redis/            the shards this node started;  checkpoints/  see bagpipe.checkpoint
+
+A write that fails (a full disk) raises an OSError naming the file, and
+leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
+
+LOG_GENERATIONS = 3  # earlier launches' logs kept per child
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used (another job holds it); the message says which."""
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (torch wraps the one its writes raised in a RuntimeError)."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _failed_write(exc: BaseException, path: Path) -> BaseException:
+    """The error to raise for a failed write of ``path``: an OSError that names it when the disk failed."""
+    cause = _os_error(exc)
+    return OSError(cause.errno, cause.strerror or str(cause), str(path)) if cause is not None else exc
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write ``path`` whole or not at all (a temporary file beside it, then a rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _failed_write(exc, path) from None
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` into ``path``; on a failed write an OSError naming the file (torch's own names
+    neither the file nor the cause), the partial file removed."""
+    import torch
+
+    path = Path(path)
+    try:
+        # Unbuffered, so a write that fails raises inside torch.save as the OSError it is.
+        with open(path, "wb", buffering=0) as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as exc:
+        path.unlink(missing_ok=True)
+        raise _failed_write(exc, path) from None
+
+
+class RunLock:
+    """An exclusive ``flock`` on a run directory's ``lock`` file, held for a job's lifetime.
+
+    The kernel drops it when the holder exits, however it exits, so a killed
+    job leaves no stale lock. The file names the holder, for the error a
+    second job gets.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            raise RunDirError(f"run directory {path.parent} is in use by another job ({holder}); wait for it "
+                              "to end or give another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing the only descriptor drops the lock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class RunDir:
@@ -79,6 +162,21 @@ class RunDir:
     # ------------------------------------------------------------ contents
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def lock(self) -> RunLock:
+        """Take the directory for one job (``RunDirError`` naming the holder if another job has it)."""
+        self.create()
+        return RunLock(self.path / "lock")
+
+    def rotate_logs(self) -> None:
+        """Start every child's log fresh for a new launch, keeping the earlier ones
+        (``<name>.log.1`` the last, up to ``LOG_GENERATIONS``)."""
+        for log in sorted(self.path.glob("*.log")):
+            for k in range(LOG_GENERATIONS - 1, 0, -1):
+                older = log.with_name(f"{log.name}.{k}")
+                if older.exists():
+                    os.replace(older, log.with_name(f"{log.name}.{k + 1}"))
+            os.replace(log, log.with_name(f"{log.name}.1"))
 
     def has_config(self) -> bool:
         return self.config_path.exists()
@@ -167,10 +265,8 @@ class RunDir:
         write_atomic(self.path / "oracle_stats.json", json.dumps(stats, indent=1))
 
     def write_model(self, model: dict[str, Any]) -> None:
-        import torch
-
         tmp = self.path / ".model.pt.tmp"
-        torch.save(model, tmp)
+        save_torch(model, tmp)
         os.replace(tmp, self.model_path)
 
     def clear_history(self) -> None:

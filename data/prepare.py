@@ -1,12 +1,15 @@
 """Raw Criteo or Avazu files (plain or gzip) to Parquet, streaming with bounded memory.
 
-    bagpipe data prepare --format criteo|avazu --input PATH... --out DIR
+    bagpipe data prepare --format criteo|avazu --input PATH... --out DIR [--replace]
         [--hash-buckets N | --min-frequency K] [--on-bad-row fail|skip]
         [--eval-fraction F] [--rows-per-group R]
 
 Output: ``DIR/train/part-*.parquet``, ``DIR/eval/part-*.parquet`` (row groups
 of R rows) and ``DIR/meta.json``; columns ``label`` (float32),
-``dense_0..`` (float32) and one int64 row-id column per categorical feature.
+``dense_0..`` (float32) and one int64 row-id column per categorical feature;
+every page carries a CRC-32 that readers verify. DIR must be new or empty;
+``--replace`` replaces a dataset this command made there (and nothing else:
+not a directory holding other files, nor one holding an input).
 See docs/data.md for every choice (log transform, hashing, vocabulary, eval
 split).
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bagpipe.dataset import PARQUET_WRITE_OPTIONS, content_hash, file_schema
 from bagpipe.log import init_logger
 from data import formats as F
 
@@ -75,6 +78,7 @@ class PrepareConfig:
     rows_per_group: int = 65536
     groups_per_file: int = 64
     cap_tables: bool = True  # hashed tables no larger than the feature needs (data.formats.table_caps)
+    replace: bool = False  # replace a dataset prepare made at ``out`` (never anything else)
     block_bytes: int = 8 << 20  # raw bytes parsed at a time
 
     def __post_init__(self) -> None:
@@ -595,7 +599,7 @@ class SplitWriter:
             if self.writer is None:
                 path = self.dir / f"part-{len(self.files):05d}.parquet"
                 self.files.append(path)
-                self.writer = pq.ParquetWriter(path, self.schema, compression="snappy")
+                self.writer = pq.ParquetWriter(path, self.schema, **PARQUET_WRITE_OPTIONS)
                 self.groups_in_file = 0
             take = min(full - done, (self.groups_per_file - self.groups_in_file) * self.rows_per_group)
             table = pa.table([c[done:done + take] for c in cols], schema=self.schema)
@@ -618,10 +622,7 @@ class SplitWriter:
 
 
 def output_schema(lay: F.Layout) -> pa.Schema:
-    fields = [pa.field("label", pa.float32())]
-    fields += [pa.field(f"dense_{i}", pa.float32()) for i in range(lay.num_dense)]
-    fields += [pa.field(name, pa.int64()) for name in lay.cat_names]
-    return pa.schema(fields)
+    return file_schema(lay.num_dense, list(lay.cat_names))
 
 
 # ------------------------------------------------------------------ the passes
@@ -701,6 +702,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     for path in cfg.inputs:
         if not path.is_file():
             raise PrepareError(f"{path}: no such file")
+    check_out(cfg)
     started = time.perf_counter()
     # The eval split is the last rows, so it needs the row count first (a cheap pass,
     # which also finds empty inputs and broken gzip before anything is written).
@@ -751,6 +753,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             w.close()
         meta = _meta(cfg, lay, encoder, writers, bad, tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        check_out(cfg)  # again: nothing may have appeared there during the passes
         _replace_dir(tmp, cfg.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -762,24 +765,56 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     return PrepareResult(meta, rate)
 
 
+# What a prepared dataset directory holds: nothing else is ever deleted by --replace.
+_OUTPUT_DIRS = ("train", "eval")
+
+
+def check_out(cfg: PrepareConfig) -> None:
+    """Refuse an ``--out`` whose replacement would destroy anything but a dataset prepare made.
+
+    New or empty: fine. A dataset this command made (its meta.json says so, and
+    it holds only meta.json and train/, eval/ of part files): only with
+    ``--replace``. Anything else, or a directory that holds an input: never.
+    """
+    out = cfg.out
+    for path in cfg.inputs:
+        if path.resolve().is_relative_to(out.resolve()):
+            raise PrepareError(f"--out {out}: holds the input {path}; write the dataset somewhere else")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise PrepareError(f"--out {out}: exists and is not a directory")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    made = False
+    try:
+        made = json.loads((out / "meta.json").read_text()).get("created_by") == "bagpipe data prepare"
+    except (OSError, ValueError, AttributeError):
+        pass
+    if not made:
+        raise PrepareError(f"--out {out}: not empty ({len(entries)} entries, e.g. {entries[0].name}) and not a "
+                           "dataset made by `bagpipe data prepare`; give a new or empty directory")
+    for e in entries:
+        if e.name == "meta.json" and e.is_file():
+            continue
+        inside = sorted(e.iterdir()) if e.name in _OUTPUT_DIRS and e.is_dir() and not e.is_symlink() else [e]
+        for f in inside:
+            if f is e or f.suffix != ".parquet" or not f.is_file() or f.is_symlink():
+                raise PrepareError(f"--out {out}: holds {f}, which `bagpipe data prepare` did not write; "
+                                   "give a new or empty directory")
+    if not cfg.replace:
+        raise PrepareError(f"--out {out}: already holds a prepared dataset; pass --replace to replace it")
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``, replacing what was there."""
+    """Move the finished ``tmp`` to ``out``, replacing what was there (``check_out`` allowed it)."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     if old.exists():
         shutil.rmtree(old)
-
-
-def _content_hash(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(f.parent.parent).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _meta(cfg: PrepareConfig, lay: F.Layout, encoder, writers: dict[str, SplitWriter], bad: _BadRows,
@@ -798,6 +833,7 @@ def _meta(cfg: PrepareConfig, lay: F.Layout, encoder, writers: dict[str, SplitWr
         "tables": [{"name": n, "num_embeddings": int(s)} for n, s in zip(lay.cat_names, encoder.sizes)],
         "files": {s: [p.relative_to(root).as_posix() for p in w.files] for s, w in writers.items()},
         "rows_per_group": cfg.rows_per_group,
+        "page_checksums": PARQUET_WRITE_OPTIONS["write_page_checksum"],
         "params": {
             "ids": "hash" if cfg.hash_buckets is not None else "vocabulary",
             "hash_buckets": cfg.hash_buckets,
@@ -809,7 +845,7 @@ def _meta(cfg: PrepareConfig, lay: F.Layout, encoder, writers: dict[str, SplitWr
             "rows_per_group": cfg.rows_per_group,
         },
         "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in cfg.inputs],
-        "content_hash": _content_hash(files),
+        "content_hash": content_hash(root, [p.relative_to(root).as_posix() for p in files]),
         "created_by": "bagpipe data prepare",
     }
 
@@ -818,7 +854,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe data prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--format", required=True, choices=F.FORMATS)
     parser.add_argument("--input", required=True, nargs="+", type=Path, help="raw files, plain or .gz, in order")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path,
+                        help="a new or empty directory (or, with --replace, a dataset this command made)")
+    parser.add_argument("--replace", action="store_true", help="replace the prepared dataset at --out")
     ids = parser.add_mutually_exclusive_group()
     ids.add_argument("--hash-buckets", type=int, help="hash values into at most N ids per table (default 1000000)")
     ids.add_argument("--min-frequency", type=int, help="vocabulary of values seen at least K times; others share id 0")
@@ -831,7 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     buckets = args.hash_buckets if args.hash_buckets is not None or args.min_frequency is not None else 1_000_000
     try:
         cfg = PrepareConfig(args.format, tuple(args.input), args.out, buckets, args.min_frequency,
-                            args.on_bad_row, args.eval_fraction, args.rows_per_group, cap_tables=not args.no_cap)
+                            args.on_bad_row, args.eval_fraction, args.rows_per_group, cap_tables=not args.no_cap,
+                            replace=args.replace)
     except ValueError as exc:
         parser.error(str(exc))
     try:

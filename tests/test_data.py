@@ -316,8 +316,8 @@ def test_failure_keeps_the_previous_output(tmp_path):
     out = tmp_path / "out"
     prepare(cfg("criteo", [good], out))
     before = (out / "meta.json").read_text()
-    with pytest.raises(PrepareError):
-        prepare(cfg("criteo", [bad], out))
+    with pytest.raises(PrepareError, match="bad.txt:2"):
+        prepare(cfg("criteo", [bad], out, replace=True))
     assert (out / "meta.json").read_text() == before
     assert not list(tmp_path.glob(".out.*"))
 

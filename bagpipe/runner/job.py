@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +32,7 @@ from bagpipe.log import init_logger
 from bagpipe.placement import plan_placement
 from bagpipe.procs import child_setup, free_port
 from bagpipe.rendezvous import Rendezvous, RendezvousError
-from bagpipe.rundir import RunDir
+from bagpipe.rundir import RunDir, RunDirError
 from bagpipe.runner.curves import write_curves
 from bagpipe.servers import ServersError
 from bagpipe.store import StoreError
@@ -76,8 +78,8 @@ def _spawn(name: str, cmd: list[str], log_path: Path, cpus: set[int] | None = No
     return Child(name, proc)
 
 
-def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> int:
-    """Write the run's config and a new job id; returns the first iteration to run."""
+def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool, iterations: int) -> int:
+    """Write the run's config and a new job id; returns the first iteration to run (of ``iterations``)."""
     from bagpipe.checkpoint import Checkpoints, fingerprint, load_manifest
 
     if not cfg.data or not (Path(cfg.data) / "meta.json").exists():
@@ -92,6 +94,10 @@ def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> int:
         data_hash = json.loads((Path(cfg.data) / "meta.json").read_text()).get("content_hash", "")
         manifest = load_manifest(latest, fingerprint(cfg.to_dict(), data_hash))
         start = manifest["iteration"] + 1
+        if start >= iterations:
+            raise JobError(f"--resume: the checkpoint {latest.name} is after iteration {start - 1} and this run has "
+                           f"{iterations} iterations (config key 'iterations' is {cfg.iterations}): nothing is left "
+                           f"to run; set iterations > {start} to train further")
         log.info("resuming from the checkpoint after iteration %d (%s)", manifest["iteration"], latest.name)
     run.create()
     _write_run_files(run, cfg, uuid.uuid4().hex)
@@ -104,35 +110,53 @@ def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> int:
 PREFLIGHT_BATCHES = 64
 
 
-def _preflight(cfg: RunConfig) -> None:
-    """Refuse at start a cache too small for one iteration of the first batches.
+def _preflight(cfg: RunConfig) -> int:
+    """Check at start what would otherwise fail late; returns the run's iteration count.
 
-    The oracle checks every batch as it plans; this looks at the first
-    ``PREFLIGHT_BATCHES`` here, so the common mistake is named before any
-    process starts, with the smallest workable size.
+    The data: a dataset without page checksums (prepared by an earlier
+    version) against its content hash; the eval split's batches that
+    evaluations read, so a damaged eval file cannot stop the run after its
+    training; and the first ``PREFLIGHT_BATCHES`` batches, for a cache too
+    small for one iteration (the oracle checks every batch as it plans; this
+    names the common mistake before any process starts, with the smallest
+    workable size). Every read verifies page checksums and row ids.
     """
-    rules = cfg.rules
     try:
-        dataset = Dataset(cfg.data)
+        return _check_data(cfg)
     except DatasetError as exc:
         raise ConfigError(f"config key 'data': {exc}") from None
+
+
+def _check_data(cfg: RunConfig) -> int:
+    rules = cfg.rules
+    dataset = Dataset(cfg.data)
+    if not dataset.page_checksums:
+        log.info("%s was prepared without page checksums: checking its content hash (prepare it again to "
+                 "skip this)", cfg.data)
+        dataset.verify_content_hash()
     sparse = dataset.sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
     iterations = min(cfg.iterations or len(sparse), len(sparse))
     if cfg.iterations > len(sparse):
         raise ConfigError(f"config key 'iterations': {cfg.iterations} > {len(sparse)} full batches of "
                           f"{cfg.batch_size} in {cfg.epochs} epoch(s) of {cfg.data} (raise 'epochs')")
-    if not rules.planned or not rules.bounded:
-        return  # no capacity bound to respect
-    if cfg.cache_rows >= cfg.local_batch * len(dataset.tables):
-        return  # a trainer's whole batch fits, whatever the data
+    # The rows every evaluation reads (trainers.trainer.Trainer.evaluate: rank 0, local batches, file order).
+    if dataset.num_rows("eval") >= cfg.local_batch:
+        evals = dataset.batches(cfg.local_batch, seed=cfg.seed, shuffle=False, split="eval")
+        for j in range(min(len(evals), cfg.eval_batches)):
+            evals[j]
+    # Bounded policies: a trainer's whole batch may not fit, so count what the first batches need.
+    bounded = rules.planned and rules.bounded and cfg.cache_rows < cfg.local_batch * len(dataset.tables)
     worst = (0, 0, 0)  # (distinct rows, trainer, iteration)
     for i in range(min(iterations, PREFLIGHT_BATCHES)):
-        counts = distinct_rows_per_trainer(sparse[i], cfg.trainers)
-        t = int(np.argmax(counts))
-        worst = max(worst, (int(counts[t]), -t, -i))
+        batch = sparse[i]  # read, and so checked, whatever the policy
+        if bounded:
+            counts = distinct_rows_per_trainer(batch, cfg.trainers)
+            t = int(np.argmax(counts))
+            worst = max(worst, (int(counts[t]), -t, -i))
     need, t, i = worst[0], -worst[1], -worst[2]
-    if cfg.cache_rows < need:
+    if bounded and cfg.cache_rows < need:
         raise ConfigError(capacity_message(cfg.cache_rows, t, need, i, need, at_least=True))
+    return iterations
 
 
 def _fill_store(cfg: RunConfig, urls: list[str], run: RunDir, start: int, cluster_url: str | None) -> None:
@@ -212,7 +236,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
     master = launch.node_rank == 0
     single = launch.nnodes == 1
     run = RunDir(run_dir)
-    run.create()
+    lock = run.lock()  # held until every process of this job is stopped (finally, below)
     started = time.perf_counter()
     rdzv_port = launch.rendezvous_port or (free_port(launch.master_addr) if single else launch.master_port + 1)
     rdzv = Rendezvous(launch.master_addr, rdzv_port, master, launch.join_timeout_s)
@@ -224,8 +248,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         if master:
             if launch.nproc_per_node:
                 cfg = cfg.replace(trainers=launch.nnodes * launch.nproc_per_node)
-            _preflight(cfg)
-            start = _prepare_run_dir(cfg, run, resume)
+            start = _prepare_run_dir(cfg, run, resume, _preflight(cfg))
             job = {"config": cfg.to_dict(), "job_id": run.job_id(), "start": start}
             rdzv.publish("job", job)
         else:
@@ -239,6 +262,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         run.write_placement(placement.to_dict())
         if placement.reason:
             log.info("cpu_placement %s: nothing pinned (%s)", cfg.cpu_placement, placement.reason)
+        run.rotate_logs()  # this launch's logs start empty; the earlier launches' are kept
         # 2. Every node starts the shards it was asked for and says where they are.
         shards = launch.shards_here(cfg)
         urls: list[str] = []
@@ -294,9 +318,10 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             pids.update({f"redis{i}": pid for i, pid in enumerate(servers.pids)})
         run.write_pids(pids)
         try:
-            _watch(children, run, quiet, lambda: _other_node_failed(rdzv, launch))
+            _watch(children, run, quiet, lambda: _other_node_failed(rdzv, launch), wait_elsewhere_s=0.0 if single
+                   else ELSEWHERE_WAIT_S)
         except JobError as exc:
-            rdzv.publish(f"failed/{launch.node_rank}", str(exc).splitlines()[0])
+            rdzv.publish(f"failed/{launch.node_rank}", str(exc))  # whole: the other nodes quote it
             raise
         # 5. Results: every node hands its ranks' figures to node 0; shards stay up until node 0 is done.
         mine = run.rank_results()
@@ -328,6 +353,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         _stop(children)
         if servers is not None:
             servers.stop()
+        lock.release()
         log.debug("%s stopped everything it started", node)
 
 
@@ -359,7 +385,56 @@ def _wait_finished(rdzv: Rendezvous, launch: LaunchConfig) -> None:
     raise JobError(f"node 0 did not finish within {deadline:g}s after this node's trainers")
 
 
-def _watch(children: list[Child], run: RunDir, quiet: bool, elsewhere=lambda: None) -> None:
+# Error lines that only report that another process failed first (a peer gone from the collective,
+# the plan stream cut, a node that stopped): a failure summary quotes them after the causes.
+_CONSEQUENCE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|DistBackendError|"
+                          r"DistNetworkError|the oracle stopped|the oracle ended the plan stream|"
+                          r"trainer \d+ stopped: |trainer \d+ is gone|node \d+ failed: ")
+# A Python exception's last traceback line ("module.SomeError: message"): a child's reason when it
+# logged no ERROR line of its own.
+_RANK = r"^(?:\[(?:default)?rank\d+\]:\s*)?"  # torchrun's prefix on a worker's lines, when it adds one
+_EXCEPTION_LINE = re.compile(_RANK + r"[A-Za-z_][\w.]*(Error|Exception|Interrupt): \S")
+_LOG_PREFIX = re.compile(_RANK + r"\d\d:\d\d:\d\d ERROR ")
+ELSEWHERE_WAIT_S = 5.0  # how long a node whose trainers lost a peer waits for another node's cause
+
+
+def _reasons(lines: list[str]) -> list[str]:
+    """A failed child's own reasons, whole, in the order they were logged: its ERROR lines, or
+    failing those the exception lines of its tracebacks."""
+    reasons = [_LOG_PREFIX.sub("", ln) for ln in lines if " ERROR " in ln]
+    return reasons or [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+
+
+def failure_summary(failed: list[tuple[str, int, int | None, list[str]]], elsewhere: str | None = None) -> str:
+    """What a job's failure says: its first line the first cause, quoted whole.
+
+    ``failed`` holds (name, pid, exit code or None if still running, log
+    lines) per child that failed or logged an error, the trainers first.
+    Reasons that only report another process's failure (``_CONSEQUENCE``)
+    come after the others; ``elsewhere`` (another node's report) leads when
+    every reason here is such a consequence.
+    """
+    quoted = []
+    for k, (name, pid, rc, lines) in enumerate(failed):
+        head = f"{name} (pid {pid}) " + (f"exited with code {rc}" if rc is not None else "is stopping")
+        for j, reason in enumerate(_reasons(lines)):
+            quoted.append(((bool(_CONSEQUENCE.search(reason)), k, j), f"{head}: {reason}"))
+    quoted.sort(key=lambda q: q[0])
+    own_cause = bool(quoted) and not quoted[0][0][0]
+    lines = [q[1] for q in quoted[:6]]
+    if elsewhere and not own_cause:
+        lines.insert(0, elsewhere)
+    if not lines:
+        lines = [f"{name} (pid {pid}) exited with code {rc} (no error in its log)" for name, pid, rc, _ in failed
+                 if rc is not None]
+    for name, pid, rc, log_lines in failed:  # then the end of each log, for context
+        lines.append(f"the end of the {name} log:")
+        lines += [f"  {ln}" for ln in log_lines[-8:]]
+    return "\n".join(lines)
+
+
+def _watch(children: list[Child], run: RunDir, quiet: bool, elsewhere=lambda: None,
+           wait_elsewhere_s: float = 0.0) -> None:
     """Wait for the trainers; stop at the first child that fails (or other node), naming it."""
     trainers = children[-1]
     log_path = run.log("trainers")
@@ -382,15 +457,19 @@ def _watch(children: list[Child], run: RunDir, quiet: bool, elsewhere=lambda: No
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline and not all(c.proc.poll() is not None for c in children):
                 time.sleep(0.1)
-            failed = sorted((c for c in children if _failed(c, trainers)), key=lambda c: c is not trainers)
-            parts = []
-            for c in failed:
+            # Children still running count when they logged an error: torchrun outlives its
+            # failed rank by seconds, and that rank's error is often the cause.
+            logs = []
+            for c in sorted(children, key=lambda c: c is not trainers):
                 lines = run.log(c.name).read_text(errors="replace").strip().splitlines()
-                # The process's own reason first (its ERROR lines), then the end of its log.
-                reasons = [ln for ln in lines if " ERROR " in ln][:3]
-                tail = reasons + [ln for ln in lines[-8:] if ln not in reasons]
-                parts.append(f"{c.name} (pid {c.proc.pid}) exited with code {c.proc.poll()}:\n  " + "\n  ".join(tail))
-            raise JobError("\n".join(parts))
+                if _failed(c, trainers) or (c.proc.poll() is None and _reasons(lines)):
+                    logs.append((c.name, c.proc.pid, c.proc.poll(), lines))
+            other = _quietly(elsewhere)
+            wait_until = time.monotonic() + wait_elsewhere_s
+            while other is None and time.monotonic() < wait_until and not _has_own_cause(logs):
+                time.sleep(0.2)  # our trainers lost a peer: the node where it failed says why
+                other = _quietly(elsewhere)
+            raise JobError(failure_summary(logs, other))
         if trainers.proc.poll() == 0:
             if bar is not None:
                 bar.close()
@@ -399,6 +478,18 @@ def _watch(children: list[Child], run: RunDir, quiet: bool, elsewhere=lambda: No
         if failed:
             raise JobError(failed)
         time.sleep(0.2)
+
+
+def _quietly(elsewhere) -> str | None:
+    """Another node's failure report, if it can be had (not if node 0 is gone too)."""
+    try:
+        return elsewhere()
+    except RendezvousError:
+        return None
+
+
+def _has_own_cause(logs: list[tuple[str, int, int | None, list[str]]]) -> bool:
+    return any(not _CONSEQUENCE.search(r) for _, _, _, lines in logs for r in _reasons(lines))
 
 
 def _failed(c: Child, trainers: Child) -> bool:
@@ -444,6 +535,9 @@ def _merge_metrics(cfg: RunConfig, ranks: list[dict], run: RunDir, wall_s: float
                             for p in ranks[0]["phase_s_per_iteration"]},
     }
     run.write_metrics(metrics)
+    if not math.isfinite(metrics["train_logloss"]):
+        raise JobError(f"training diverged: train logloss is {metrics['train_logloss']} (config keys 'lr', "
+                       f"'dense_lr'; the model in {run.model_path} is not usable)")
     return metrics
 
 
@@ -539,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.replace(redis_cluster_url=args.redis_cluster)
         run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         metrics = run_job(cfg, run_dir, resume=args.resume, launch=launch)
-    except (ConfigError, JobError, CheckpointError, RendezvousError, ServersError, StoreError) as exc:
+    except (ConfigError, JobError, CheckpointError, DatasetError, RendezvousError, RunDirError, ServersError,
+            StoreError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:
