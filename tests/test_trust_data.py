@@ -446,10 +446,12 @@ def test_appendonly_files_are_written_but_a_resume_starts_from_the_checkpoint(sm
     aof = [p for p in (run / "redis").rglob("*.aof*") if p.is_file() and p.stat().st_size > 0]
     assert aof, sorted(str(p) for p in (run / "redis").rglob("*"))
     latest = Checkpoints(run).latest()
-    rows = json.loads((latest / "manifest.json").read_text())["rows"]
+    manifest = json.loads((latest / "manifest.json").read_text())
+    rows = manifest["rows"]
     r = _bagpipe("run", "--run-dir", str(run), "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resuming from the checkpoint after iteration 7" in r.stderr
+    # After iteration 7, or 15 when the loaded machine trained on before the lost shard was seen.
+    assert f"resuming from the checkpoint after iteration {manifest['iteration']}" in r.stderr
     assert f"loaded {rows} rows from the checkpoint into the store" in r.stderr
     cmp = compare_models(load_model(ref), load_model(run))
     assert verdict(cmp, exact=True), (cmp.max_abs, cmp.problems)
