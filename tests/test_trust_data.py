@@ -344,6 +344,26 @@ def test_a_resume_with_nothing_left_is_refused_and_touches_nothing(small_criteo,
 
 
 @pytest.mark.slow
+def test_a_run_stopped_after_its_last_checkpoint_is_finished_by_a_resume(small_criteo, tmp_path):
+    """A job killed after its final checkpoint, before its results: --resume trains nothing and writes them."""
+    run = tmp_path / "run"
+    r = _bagpipe("run", "--run-dir", str(run), "--set", f"data={small_criteo}", "--set", "iterations=8",
+                 "--set", "checkpoint_every=4", *JOB)
+    assert r.returncode == 0, r.stderr[-3000:]
+    finished = load_model(run)
+    auc = json.loads((run / "metrics.json").read_text())["eval_auc"]
+    for name in ("metrics.json", "model.pt"):  # what a kill during the final evaluation leaves unwritten
+        (run / name).unlink()
+    r = _bagpipe("run", "--run-dir", str(run), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "finished from the checkpoint after iteration 7 (nothing was left to train)" in r.stdout, r.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["iterations_run"] == 0 and metrics["train_logloss"] is None and metrics["eval_auc"] == auc
+    cmp = compare_models(finished, load_model(run))
+    assert verdict(cmp, exact=True), (cmp.max_abs, cmp.problems)
+
+
+@pytest.mark.slow
 def test_training_that_diverges_fails(small_criteo, tmp_path):
     r = _bagpipe("run", "--run-dir", str(tmp_path / "run"), "--set", f"data={small_criteo}", "--set", "policy=local",
                  "--set", "trainers=1", "--set", "iterations=8", "--set", "lr=1e30", "--set", "dense_lr=1e30",
@@ -417,7 +437,7 @@ def test_a_second_job_on_a_run_directory_in_use_is_refused(small_criteo, tmp_pat
 def test_appendonly_files_are_written_but_a_resume_starts_from_the_checkpoint(small_criteo, tmp_path):
     """docs/checkpoints.md: with redis_persistence=appendonly each shard keeps an append-only file, but
     a resume flushes the store and loads the checkpoint's rows, never the newer rows of an AOF."""
-    settings = ["--set", "redis_persistence=appendonly", "--set", "redis_appendfsync=always", "--set", "iterations=24",
+    settings = ["--set", "redis_persistence=appendonly", "--set", "redis_appendfsync=always", "--set", "iterations=160",
                 "--set", "checkpoint_every=8", "--set", "trainers=1", "--set", "batch_size=128", "--set",
                 "cache_rows=2500", "--set", "eval_batches=1", "--set", f"data={small_criteo}"]
     ref = tmp_path / "uninterrupted"
@@ -433,7 +453,13 @@ def test_appendonly_files_are_written_but_a_resume_starts_from_the_checkpoint(sm
             assert job.poll() is None, job.stdout.read()
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        time.sleep(0.5)  # train on past the checkpoint: the AOFs now hold newer rows than it
+        # Train on past the checkpoint, so that the AOFs hold newer rows than it; 160 iterations leave a
+        # fast machine time to be caught mid-run.
+        past = json.loads((Checkpoints(run).latest() / "manifest.json").read_text())["iteration"] + 3
+        while (RunDir(run).progress() or {}).get("iteration", 0) <= past:
+            assert job.poll() is None, "the job ended before the shard could be killed: " + job.stdout.read()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         pids = json.loads((run / "pids.json").read_text())
         os.kill(pids["redis1"], signal.SIGKILL)
         job.communicate(timeout=90)

@@ -192,7 +192,7 @@ class StoreAgent:
             off, end = self._alloc(self.requests, 16 * (hi - lo))
             self.requests.array(off, np.int64, hi - lo)[:] = keys[lo:hi]
             self.requests.array(off + 8 * (hi - lo), np.int64, hi - lo)[:] = min_versions[lo:hi]
-            self.chan.send(GET, block.start, hi - lo, off, end)
+            self._tell(GET, block.start, hi - lo, off, end)
 
     def write_back(self, keys: np.ndarray, values: np.ndarray, version: int) -> None:
         n = len(keys)
@@ -204,10 +204,10 @@ class StoreAgent:
             off, end = self._alloc(self.requests, m * row_bytes)
             self.requests.array(off, np.int64, m)[:] = keys[lo:hi]
             self.requests.array(off + 8 * m, np.float32, m * self.width).reshape(m, self.width)[:] = values[lo:hi]
-            self.chan.send(PUT, version, m, off, end)
+            self._tell(PUT, version, m, off, end)
 
     def mark_iteration(self, iteration: int) -> None:
-        self.chan.send(MARK, iteration)
+        self._tell(MARK, iteration)
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """Block until the rows of fetch ``ids`` have arrived; returns them stacked."""
@@ -234,7 +234,7 @@ class StoreAgent:
     def drain(self) -> None:
         """Wait until every issued operation has run in the agent."""
         self._drains += 1
-        self.chan.send(DRAIN, self._drains)
+        self._tell(DRAIN, self._drains)
         deadline = time.monotonic() + max(self.wait_timeout_s, 60.0)
         while self._drained < self._drains:
             self._pump(deadline, "the store operations to finish")
@@ -266,6 +266,22 @@ class StoreAgent:
                 return got
             self._pump(deadline, "room in the request ring (the agent is behind)")
 
+    def _tell(self, kind: int, *fields: int) -> None:
+        """A message to the agent; a closed socket means the agent died, and the error says so."""
+        try:
+            self.chan.send(kind, *fields)
+        except OSError:
+            raise self._agent_gone() from None
+
+    def _agent_gone(self) -> StoreIOError:
+        try:
+            code = self.proc.wait(timeout=self.wait_timeout_s)
+        except subprocess.TimeoutExpired:
+            return StoreIOError(f"the store agent of rank {self.rank} (pid {self.proc.pid}) closed its socket "
+                                "and has not exited")
+        return StoreIOError(f"the store agent of rank {self.rank} (pid {self.proc.pid}) exited with code {code}"
+                            f"{' (killed by signal %d)' % -code if code < 0 else ''}")
+
     def _pump(self, deadline: float | None, waiting_for: str, wait: bool = True) -> None:
         """Handle the agent's messages; with ``wait``, wait for at least one until ``deadline``."""
         timeout = 0.0 if not wait else max(0.0, min(1.0, deadline - time.monotonic()))
@@ -274,9 +290,7 @@ class StoreAgent:
         except (EOFError, OSError):
             messages = None
         if messages is None or (wait and not messages and self.proc.poll() is not None):
-            code = self.proc.wait()
-            raise StoreIOError(f"the store agent of rank {self.rank} (pid {self.proc.pid}) exited with code {code}"
-                               f"{' (killed by signal %d)' % -code if code < 0 else ''}") from None
+            raise self._agent_gone() from None
         for msg in messages:
             kind = msg[0]
             if kind == ROWS:
@@ -296,7 +310,7 @@ class StoreAgent:
             elif kind == ERROR:
                 raise StoreIOError(f"store agent of rank {self.rank} (pid {self.proc.pid}): {msg[6]}")
         if self._rows_freed > self._rows_told:
-            self.chan.send(FREED, self._rows_freed)
+            self._tell(FREED, self._rows_freed)
             self._rows_told = self._rows_freed
         if wait and not messages and deadline is not None and time.monotonic() >= deadline:
             raise StoreIOError(f"rank {self.rank}: waited {self.wait_timeout_s}s for {waiting_for} from the store "

@@ -280,7 +280,7 @@ class Trainer:
         return {"rank": self.rank, "wall_s": self.wall_s, "iterations": self.iterations, "start": self.start,
                 "stall_s": m.stall_s, "compute_s": m.compute_s, "comm_s": m.comm_s,
                 "rows_fetched": m.rows_fetched, "rows_written_back": m.rows_written_back,
-                "train_logloss": m.loss_sum / max(1, m.loss_n),
+                "train_logloss": m.loss_sum / m.loss_n if m.loss_n else None,  # None: a resume that only finished
                 "phase_s_per_iteration": {p: s / ran for p, s in m.phase_s.items()},
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "stall_per_iteration": m.stall_per_iteration, "ended_at": m.ended_at,

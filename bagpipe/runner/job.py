@@ -94,7 +94,10 @@ def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool, iterations: int)
         data_hash = json.loads((Path(cfg.data) / "meta.json").read_text()).get("content_hash", "")
         manifest = load_manifest(latest, fingerprint(cfg.to_dict(), data_hash))
         start = manifest["iteration"] + 1
-        if start >= iterations:
+        # Killed after its last checkpoint but before its results: the resume trains nothing and finishes
+        # (final evaluation, model.pt, metrics.json). A finished run has nothing left and is refused.
+        finishing = start == iterations and not run.metrics_path.exists()
+        if start >= iterations and not finishing:
             raise JobError(f"--resume: the checkpoint {latest.name} is after iteration {start - 1} and this run has "
                            f"{iterations} iterations (config key 'iterations' is {cfg.iterations}): nothing is left "
                            f"to run; set iterations > {start} to train further")
@@ -515,6 +518,7 @@ def _merge_metrics(cfg: RunConfig, ranks: list[dict], run: RunDir, wall_s: float
         "policy": cfg.policy,
         "iterations": iterations,
         "resumed_from": ranks[0].get("start", 0) - 1 if ranks[0].get("start", 0) else None,
+        "iterations_run": ran,
         "samples_per_s": ran * cfg.batch_size / max(train_wall, 1e-9),
         "samples_per_s_steady": steady,
         "warmup_iterations": warm,
@@ -535,7 +539,7 @@ def _merge_metrics(cfg: RunConfig, ranks: list[dict], run: RunDir, wall_s: float
                             for p in ranks[0]["phase_s_per_iteration"]},
     }
     run.write_metrics(metrics)
-    if not math.isfinite(metrics["train_logloss"]):
+    if metrics["train_logloss"] is not None and not math.isfinite(metrics["train_logloss"]):
         raise JobError(f"training diverged: train logloss is {metrics['train_logloss']} (config keys 'lr', "
                        f"'dense_lr'; the model in {run.model_path} is not usable)")
     return metrics
@@ -578,6 +582,9 @@ def format_report(m: dict) -> str:
     ne = f"{m['eval_ne']:.4f}" if m.get("eval_ne") is not None else "n/a"
     logloss = f"{m['eval_logloss']:.4f}" if m.get("eval_logloss") is not None else "n/a"
     steady = m.get("samples_per_s_steady") or m["samples_per_s"]
+    if m.get("iterations_run") == 0:
+        return (f"policy {m['policy']}: {m['iterations']} iterations, finished from the checkpoint after iteration "
+                f"{m['resumed_from']} (nothing was left to train): eval AUC {auc}, logloss {logloss} nats, NE {ne}")
     return (f"policy {m['policy']}: {m['iterations']} iterations, {steady:.0f} samples/s steady "
             f"({m['samples_per_s']:.0f} over the whole run), train logloss {m['train_logloss']:.4f} nats, "
             f"eval AUC {auc}, logloss {logloss} nats, NE {ne}, stalled {m['stall_s']:.2f}s, "
