@@ -60,12 +60,36 @@ class DatasetError(ValueError):
     """A directory that is not a readable prepared dataset (the message says why)."""
 
 
-def file_schema(num_dense: int, table_names: list[str]) -> pa.Schema:
-    """The columns of every prepared file: label, dense features (float32), one int64 id column per table."""
+def file_schema(num_dense: int, table_names: list[str], bags: list[int] | None = None) -> pa.Schema:
+    """The columns of every prepared file: label, dense features (float32), one id column per table:
+    int64 for a one-hot table, list<int64> (a bag of 0 to ``bag`` ids per sample) for a multi-hot one."""
+    bags = bags or [1] * len(table_names)
     fields = [pa.field("label", pa.float32())]
     fields += [pa.field(f"dense_{i}", pa.float32()) for i in range(num_dense)]
-    fields += [pa.field(name, pa.int64()) for name in table_names]
+    fields += [pa.field(name, pa.int64() if bag == 1 else pa.list_(pa.int64())) for name, bag in zip(table_names, bags)]
     return pa.schema(fields)
+
+
+PAD = -1  # an unused position of a bag in a batch's [b, S] id matrix
+
+
+def column_tables(bags: list[int] | np.ndarray) -> np.ndarray:
+    """The table of each column of a batch's id matrix: table t owns ``bags[t]`` adjacent columns."""
+    return np.repeat(np.arange(len(bags), dtype=np.int64), np.asarray(bags, dtype=np.int64))
+
+
+def padded_bags(column: pa.ChunkedArray | pa.Array, width: int, dtype) -> np.ndarray:
+    """A list<int64> column as [n, width] ids, each bag left-aligned and padded with ``PAD``."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.flatten().to_numpy()
+    lengths = np.diff(offsets)
+    out = np.full((n, width), PAD, dtype=dtype)
+    row = np.repeat(np.arange(n), lengths)
+    pos = np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    out[row, pos] = values
+    return out
 
 
 def content_hash(root: Path, files: list[str]) -> str:
@@ -116,7 +140,7 @@ class Batch:
 
     dense: np.ndarray  # float32 [b, D], C-contiguous
     labels: np.ndarray  # float32 [b]
-    sparse: np.ndarray  # int64 [b, T] row ids, C-contiguous
+    sparse: np.ndarray  # int64 [b, S] row ids, C-contiguous: table t's bag in its columns (column_tables), PAD after
     iteration: int
 
 
@@ -203,7 +227,16 @@ class Dataset:
             raise DatasetError(f"{meta_path}: key 'tables' is empty")
         self.dense_names = [f"dense_{i}" for i in range(self.num_dense)]
         self.sparse_names = [name for name, _ in self.tables]
-        self.schema = file_schema(self.num_dense, self.sparse_names)
+        try:
+            # The most ids a sample has in each table (1: one-hot); a batch's id matrix has sum(bags) columns.
+            self.bags = [int(t.get("bag", 1)) for t in self.meta["tables"]]
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"{meta_path}: a table's 'bag' is malformed ({exc})") from None
+        if min(self.bags) < 1:
+            raise DatasetError(f"{meta_path}: a table's 'bag' must be >= 1, got {min(self.bags)}")
+        self.multi_hot = max(self.bags) > 1
+        self.column_tables = column_tables(self.bags)
+        self.schema = file_schema(self.num_dense, self.sparse_names, self.bags)
         self.table_sizes = np.array([n for _, n in self.tables], dtype=np.int64)
         # Row ids are held as int32 in memory when every table allows it (half the memory).
         self.id_dtype = np.int32 if max(n for _, n in self.tables) <= np.iinfo(np.int32).max else np.int64
@@ -348,12 +381,26 @@ class _Stream:
             if t.column(name).null_count:
                 raise DatasetError(f"{path}: row group {gi}, column {name}: {t.column(name).null_count} "
                                    "missing values (prepared data has none)")
-        for name, size in zip(self.ds.sparse_names, self.ds.table_sizes.tolist()):
-            ids = t.column(name).to_numpy()
+        for name, size, bag in zip(self.ds.sparse_names, self.ds.table_sizes.tolist(), self.ds.bags):
+            if name not in columns:
+                continue
+            col = t.column(name)
+            if bag == 1:
+                ids = col.to_numpy()
+                where = "row {r} of the group"
+            else:
+                arr = col.combine_chunks()
+                lengths = np.diff(arr.offsets.to_numpy())
+                if len(lengths) and lengths.max() > bag:
+                    r = int(np.argmax(lengths))
+                    raise DatasetError(f"{path}: row group {gi}, column {name}: row {r} of the group has a bag of "
+                                       f"{int(lengths[r])} ids; meta.json's 'tables' gives at most {bag}")
+                ids = arr.flatten().to_numpy()
+                where = "id {r} of the group's bags"
             if len(ids) and (ids.min() < 0 or ids.max() >= size):
                 r = int(np.flatnonzero((ids < 0) | (ids >= size))[0])
-                raise DatasetError(f"{path}: row group {gi}, column {name}: id {int(ids[r])} (row {r} of the "
-                                   f"group) is outside the table's {size} rows that meta.json's 'tables' gives")
+                raise DatasetError(f"{path}: row group {gi}, column {name}: id {int(ids[r])} ({where.format(r=r)}) "
+                                   f"is outside the table's {size} rows that meta.json's 'tables' gives")
         return t
 
     def _load(self, w: int) -> tuple[np.ndarray, ...]:
@@ -361,15 +408,20 @@ class _Stream:
         columns = (["label"] + self.ds.dense_names if self.with_dense else []) + self.ds.sparse_names
         tables = [self._read_group(int(g), columns) for g in self.windows[w]]
         n = sum(t.num_rows for t in tables)
-        sparse = np.empty((n, len(self.ds.sparse_names)), dtype=self.ds.id_dtype)
+        sparse = np.empty((n, len(self.ds.column_tables)), dtype=self.ds.id_dtype)
+        first_column = np.concatenate([[0], np.cumsum(self.ds.bags)])
         rows = n if self.with_dense else 0  # the sparse view loads no labels or dense features
         labels = np.empty(rows, dtype=np.float32)
         dense = np.empty((rows, self.ds.num_dense), dtype=np.float32)
         at = 0
         for t in tables:
             m = t.num_rows
-            for j, name in enumerate(self.ds.sparse_names):
-                sparse[at:at + m, j] = t.column(name).to_numpy()
+            for j, (name, bag) in enumerate(zip(self.ds.sparse_names, self.ds.bags)):
+                lo = first_column[j]
+                if bag == 1:
+                    sparse[at:at + m, lo] = t.column(name).to_numpy()
+                else:
+                    sparse[at:at + m, lo:lo + bag] = padded_bags(t.column(name), bag, self.ds.id_dtype)
             if self.with_dense:
                 labels[at:at + m] = t.column("label").to_numpy()
                 for j, name in enumerate(self.ds.dense_names):

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data.synth", "write synthetic Criteo or Avazu files in the real raw formats"),
     "prepare": ("data.prepare", "turn raw Criteo or Avazu files into Parquet"),
+    "multi-hot": ("data.multihot", "make a prepared dataset multi-hot (bags of ids per table, as MLPerf's DLRM-DCNv2)"),
 }
 
 
