@@ -40,7 +40,8 @@ FORMAT_VERSION = 1
 # Config keys whose change makes a different model (a resume must match them all). Not among
 # them: 'iterations' (a run may be extended), and everything that only changes speed
 # (policy, trainers, cache, lead, horizon, shards): the model does not depend on those.
-FINGERPRINT_KEYS = ("model", "embedding_dim", "bottom_mlp", "top_mlp", "dcn_layers", "dcn_rank", "optimizer", "lr",
+FINGERPRINT_KEYS = ("model", "embedding_dim", "bottom_mlp", "top_mlp", "dcn_layers", "dcn_rank", "pooling", "optimizer",
+                    "lr",
                     "dense_lr", "eps", "seed", "batch_size", "shuffle")
 
 

@@ -28,6 +28,7 @@ from bagpipe.policies import NAMES as POLICIES, policy as policy_row
 OPTIMIZERS = ("sgd", "adagrad")
 STORE_IO = ("agent", "thread")
 MODELS = ("dlrm", "dcn")
+POOLINGS = ("sum", "mean")
 INT64_MAX = (1 << 63) - 1
 MAX_CACHE_ROWS = (1 << 31) - 1  # plans address cache slots as int32
 
@@ -161,6 +162,16 @@ class ModelConfig:
     top_mlp: tuple[int, ...] = (64, 32, 1)
     dcn_layers: int = 2
     dcn_rank: int = 8
+    pooling: tuple[str, ...] = ("sum",)
+
+    def pooling_per_table(self, tables: int) -> list[str]:
+        """One pooling per table (a single entry stands for every table)."""
+        if len(self.pooling) == 1:
+            return list(self.pooling) * tables
+        if len(self.pooling) != tables:
+            raise ConfigError(f"config key 'pooling': {len(self.pooling)} entries for the data's {tables} tables "
+                              "(give one for every table, or one per table)")
+        return list(self.pooling)
 
     def __post_init__(self) -> None:
         _require(self.name in MODELS, "model", f"'{self.name}' is not one of {', '.join(MODELS)}")
@@ -170,6 +181,8 @@ class ModelConfig:
         _require(len(self.top_mlp) >= 1 and self.top_mlp[-1] == 1, "top_mlp", "must end in 1")
         _require(self.dcn_layers >= 1, "dcn_layers", f"must be >= 1, got {self.dcn_layers}")
         _require(self.dcn_rank >= 1, "dcn_rank", f"must be >= 1, got {self.dcn_rank}")
+        _require(len(self.pooling) >= 1 and all(p in POOLINGS for p in self.pooling), "pooling",
+                 f"each entry must be one of {', '.join(POOLINGS)}, got {list(self.pooling)}")
 
 
 @dataclass(frozen=True)
@@ -222,6 +235,7 @@ class RunConfig:
     top_mlp: tuple[int, ...] = (64, 32, 1)
     dcn_layers: int = 2  # model "dcn": cross layers (MLPerf DLRM-DCNv2: 3)
     dcn_rank: int = 8  # model "dcn": rank of each cross layer's weight (MLPerf: 512)
+    pooling: tuple[str, ...] = ("sum",)  # how a bag of ids pools: sum or mean; one for all tables, or one each
     cache_rows: int = 100_000
     lead: int = 2
     horizon: int = 8
@@ -346,7 +360,8 @@ class RunConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(name=self.model, embedding_dim=self.embedding_dim, bottom_mlp=tuple(self.bottom_mlp),
-                           top_mlp=tuple(self.top_mlp), dcn_layers=self.dcn_layers, dcn_rank=self.dcn_rank)
+                           top_mlp=tuple(self.top_mlp), dcn_layers=self.dcn_layers, dcn_rank=self.dcn_rank,
+                           pooling=tuple(self.pooling))
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)

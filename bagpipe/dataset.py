@@ -314,7 +314,9 @@ class Epochs:
         self.epochs = epochs
         self._readers: OrderedDict[int, object] = OrderedDict()
         self._lock = threading.Lock()  # trainers read the next batch from a background thread
-        self.per_epoch = len(self._reader(first))
+        first_reader = self._reader(first)
+        self.per_epoch = len(first_reader)
+        self.column_tables = getattr(first_reader, "column_tables", None)
 
     def _reader(self, epoch: int):
         with self._lock:
@@ -486,10 +488,11 @@ class BatchReader:
 
 
 class SparseBatches:
-    """Random access to the row ids [B, T] of global batches (all ranks' rows, in rank order)."""
+    """Random access to the row ids [B, S] of global batches (all ranks' rows, in rank order)."""
 
     def __init__(self, ds: Dataset, cfg: ReadConfig) -> None:
         self.cfg = cfg
+        self.column_tables = ds.column_tables  # the table of each column (bagpipe.keys.source_keys)
         self.stream = _Stream(ds, cfg, with_dense=False)
 
     def __len__(self) -> int:

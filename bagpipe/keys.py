@@ -35,10 +35,41 @@ def key_row(keys: np.ndarray) -> np.ndarray:
     return np.asarray(keys, dtype=np.int64) & _ROW_MASK
 
 
-def batch_keys(rows: np.ndarray) -> np.ndarray:
-    """A batch's per-table row ids [B, T] as int64 keys [B, T] (column t is table t)."""
+def batch_keys(rows: np.ndarray, column_tables: np.ndarray | None = None) -> np.ndarray:
+    """A batch's row ids [B, S] as int64 keys [B, S]; column c is of table ``column_tables[c]``
+    (default: column t is table t, one-hot). A pad (a negative id: an unused place in a bag) stays -1."""
     rows = np.asarray(rows, dtype=np.int64)
-    return make_keys(np.arange(rows.shape[1], dtype=np.int64)[None, :], rows)
+    tables = np.arange(rows.shape[1], dtype=np.int64) if column_tables is None else np.asarray(column_tables)
+    keys = make_keys(tables[None, :], rows)
+    if column_tables is not None:
+        keys[rows < 0] = -1
+    return keys
+
+
+def plan_keys(rows: np.ndarray, column_tables: np.ndarray | None, trainers: int) -> np.ndarray:
+    """The keys a planner reads for a batch of row ids [B, S]: ``batch_keys``, with each pad replaced
+    by the first real key of the same trainer's share.
+
+    A replaced pad adds no distinct row to any trainer's iteration, so every plan (fetches,
+    evictions, capacity) is that of the bags themselves; its read slot is a real slot that the
+    trainer's lookup skips (it knows its pads from its own batch). A share with no id at all has
+    nothing to stand in for its pads; it is refused (``ValueError``).
+    """
+    keys = batch_keys(rows, column_tables)
+    if column_tables is None:
+        return keys
+    pads = keys < 0
+    if not pads.any():
+        return keys
+    local = keys.shape[0] // trainers
+    for t in range(trainers):
+        share, mask = keys[t * local:(t + 1) * local], pads[t * local:(t + 1) * local]
+        if mask.any():
+            real = share[~mask]
+            if not len(real):
+                raise ValueError(f"trainer {t}'s share of a batch has no ids in any table")
+            share[mask] = real[0]
+    return keys
 
 
 def trainer_keys(keys: np.ndarray, trainer: int, trainers: int) -> np.ndarray:
@@ -48,13 +79,23 @@ def trainer_keys(keys: np.ndarray, trainer: int, trainers: int) -> np.ndarray:
     return keys[trainer * local:(trainer + 1) * local]
 
 
-def distinct_rows_per_trainer(rows: np.ndarray, trainers: int) -> np.ndarray:
-    """How many distinct rows each trainer reads in one global batch of row ids [B, T]: int64 [trainers].
+def source_keys(batches, i: int, trainers: int) -> np.ndarray:
+    """``plan_keys`` of batch i of a batch source; a source of multi-hot data (``bagpipe.dataset``)
+    says which table each column is (``column_tables``), any other source is one-hot."""
+    return plan_keys(np.asarray(batches[i], dtype=np.int64), getattr(batches, "column_tables", None), trainers)
+
+
+def distinct_rows_per_trainer(rows: np.ndarray, trainers: int, column_tables: np.ndarray | None = None) -> np.ndarray:
+    """How many distinct rows each trainer reads in one global batch of row ids [B, S]: int64 [trainers].
 
     The capacity a policy held to ``cache_rows`` needs is the largest of these over the run.
     """
-    keys = batch_keys(rows)
-    return np.array([len(np.unique(trainer_keys(keys, t, trainers))) for t in range(trainers)], np.int64)
+    keys = batch_keys(rows, column_tables)
+    out = []
+    for t in range(trainers):
+        part = trainer_keys(keys, t, trainers)
+        out.append(len(np.unique(part[part >= 0])))
+    return np.array(out, np.int64)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:

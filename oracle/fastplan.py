@@ -66,7 +66,6 @@ from numba.extending import intrinsic
 
 INF = 1 << 62
 INF32 = (1 << 31) - 1  # "no use in the window" in int32 next-use fields
-ROW_SHIFT = 40  # bagpipe.keys.ROW_BITS: key = table << 40 | row
 
 # The policies' codes (bagpipe.policies' ``code`` column, which tests/test_floors.py holds to these).
 P_NONE, P_LRU, P_LFU, P_LRU_PREFETCH, P_STATIC, P_BAGPIPE, P_ORIGINAL = range(7)
@@ -611,7 +610,7 @@ def _bits_lowest(GE, g, w0, nw):
 # ------------------------------------------------------------------ loading
 @njit(nogil=True, cache=True)
 def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN, distinct, WL):
-    """Bring iteration ``i`` (rows [batch, tables] of row ids) into trainer t's window.
+    """Bring iteration ``i`` (keys [batch, columns], ``bagpipe.keys.plan_keys``) into trainer t's window.
 
     Dedups each trainer's share, sorts its distinct keys, links each key's
     previous loaded occurrence to this one, and (bagpipe) moves resident rows
@@ -631,7 +630,7 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
     r0 = t * LB
     for b in range(LB):
         for c in range(T):
-            kk[b * T + c] = (np.int64(c) << ROW_SHIFT) | rows[r0 + b, c]
+            kk[b * T + c] = rows[r0 + b, c]
     # 1. every occurrence -> its row's entry (created when new), and the distinct rows in order of
     # first occurrence (Y_DSI and de form a sparse set: no clearing). Two look-aheads: the hash cell
     # PF occurrences ahead, then, PF / 2 ahead, the entry that cell names (when the key sits at home).
@@ -1482,7 +1481,7 @@ def flush(C, after, E64, E32, EFS, Hh, M, S, QL, Gh, GE, GM, GFS, LW, WQ, ST):
 # ------------------------------------------------------------ batch helpers
 @njit(cache=True)
 def distinct_keys(rows, r0, nrows):
-    """Sorted distinct keys of rows[r0:r0 + nrows] (row ids [batch, tables])."""
+    """Sorted distinct keys of rows[r0:r0 + nrows] (keys [batch, columns])."""
     T = rows.shape[1]
     n = nrows * T
     cap = 16
@@ -1494,7 +1493,7 @@ def distinct_keys(rows, r0, nrows):
     nd = 0
     for b in range(r0, r0 + nrows):
         for c in range(T):
-            key = (np.int64(c) << ROW_SHIFT) | rows[b, c]
+            key = rows[b, c]
             p = _hfind(h, key, shift, mask)
             if h[p, 1] == 0:
                 h[p, 0] = key

@@ -30,7 +30,7 @@ from bagpipe.wire import Plan
 from oracle import fastplan as fp
 from oracle.staging import stage_fetches
 from bagpipe.config import capacity_message
-from bagpipe.keys import distinct_rows_per_trainer
+from bagpipe.keys import distinct_rows_per_trainer, source_keys
 from oracle.reference import INF, BatchSource, PlanError, PlannerConfig, PlanStats, check_planned
 
 __all__ = ["INF", "BatchSource", "PlanError", "Planner", "PlannerConfig", "PlanStats", "pinned_rows"]
@@ -294,12 +294,16 @@ class Planner:
 
     # ------------------------------------------------------------- window
     def _rows(self, i: int) -> np.ndarray:
+        """Batch i's keys [batch, columns] (``bagpipe.keys.plan_keys``: bags' pads stand in for a real key)."""
         rows = np.asarray(self.batches[i])
         if rows.ndim != 2:
             raise PlanError(f"batch {i} has shape {rows.shape}, expected [batch_size, tables]")
         if rows.shape[0] != self.cfg.batch_size:
             raise PlanError(f"batch {i} has {rows.shape[0]} rows, expected batch_size {self.cfg.batch_size}")
-        return np.ascontiguousarray(rows, dtype=np.int64)
+        try:
+            return np.ascontiguousarray(source_keys(self.batches, i, self.n), dtype=np.int64)
+        except ValueError as exc:
+            raise PlanError(f"batch {i}: {exc}") from None
 
     def _load(self, upto: int) -> None:
         """Bring iterations [loaded, upto] into the window."""
@@ -334,7 +338,8 @@ class Planner:
 
     def min_cache_rows(self) -> int:
         """The smallest capacity that can run: the most distinct rows one trainer reads in one iteration."""
-        return max((int(distinct_rows_per_trainer(self.batches[i], self.n).max()) for i in range(self.iterations)),
+        tables = getattr(self.batches, "column_tables", None)
+        return max((int(distinct_rows_per_trainer(self.batches[i], self.n, tables).max()) for i in range(self.iterations)),
                    default=0)
 
     def note_writebacks_applied(self, through_iteration: int) -> None:
@@ -494,7 +499,7 @@ def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
     seen: list[list[np.ndarray]] = [[] for _ in range(cfg.trainers)]
     per_iter_max = [0] * cfg.trainers
     for i in range(iterations):
-        rows = np.ascontiguousarray(batches[i], dtype=np.int64)
+        rows = np.ascontiguousarray(source_keys(batches, i, cfg.trainers), dtype=np.int64)
         for t in range(cfg.trainers):
             uniq = fp.distinct_keys(rows, t * local_b, local_b)
             per_iter_max[t] = max(per_iter_max[t], len(uniq))

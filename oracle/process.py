@@ -39,6 +39,7 @@ class _Shifted:
 
     def __init__(self, batches: BatchSource, start: int, stop: int) -> None:
         self.batches, self.start, self.stop = batches, start, stop
+        self.column_tables = getattr(batches, "column_tables", None)
 
     def __len__(self) -> int:
         return self.stop - self.start

@@ -53,7 +53,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from bagpipe.config import OracleConfig, capacity_message
-from bagpipe.keys import batch_keys, distinct_rows_per_trainer, trainer_keys
+from bagpipe.keys import distinct_rows_per_trainer, source_keys, trainer_keys
 from bagpipe.policies import PLANNED, policy as policy_row
 from bagpipe.wire import Plan
 from oracle.staging import stage_fetches
@@ -199,7 +199,7 @@ class Planner:
         """Bring iterations [loaded, upto] into the window and record their uses."""
         while self.loaded <= min(upto, self.iterations - 1):
             i = self.loaded
-            keys = batch_keys(self.batches[i])
+            keys = source_keys(self.batches, i, self.n)
             if keys.shape[0] != self.cfg.batch_size:
                 raise PlanError(f"batch {i} has {keys.shape[0]} rows, expected batch_size {self.cfg.batch_size}")
             rows = _IterRows([], [], [])
@@ -226,7 +226,8 @@ class Planner:
 
     def min_cache_rows(self) -> int:
         """The smallest capacity that can run: the most distinct rows one trainer reads in one iteration."""
-        return max((int(distinct_rows_per_trainer(self.batches[i], self.n).max()) for i in range(self.iterations)),
+        tables = getattr(self.batches, "column_tables", None)
+        return max((int(distinct_rows_per_trainer(self.batches[i], self.n, tables).max()) for i in range(self.iterations)),
                    default=0)
 
     def _push(self, c: _TrainerCache, key: int) -> None:
@@ -457,7 +458,7 @@ def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
     counts: list[dict[int, int]] = [dict() for _ in range(cfg.trainers)]
     per_iter_max = [0] * cfg.trainers
     for i in range(iterations):
-        keys = batch_keys(batches[i])
+        keys = source_keys(batches, i, cfg.trainers)
         for t in range(cfg.trainers):
             uniq = np.unique(trainer_keys(keys, t, cfg.trainers))
             per_iter_max[t] = max(per_iter_max[t], len(uniq))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bagpipe.wire import Plan
-from bagpipe.keys import batch_keys, trainer_keys
+from bagpipe.keys import source_keys, trainer_keys
 
 _MOD = (1 << 61) - 1
 
@@ -49,7 +49,7 @@ def replay(plans_by_iter, batches, trainers: int, batch_size: int, capacity: int
     ts = [_Trainer({}, {}, {}, {}, {}, {}) for _ in range(trainers)]
     next_fid = [0] * trainers
     for i, plans in plans_by_iter:
-        keys = batch_keys(batches[i])
+        keys = source_keys(batches, i, trainers)
         # Reference: one table, one update per row per iteration.
         uniq, counts = np.unique(keys, return_counts=True)
         for key, g in zip(uniq.tolist(), counts.tolist()):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from bagpipe.config import ConfigError
-from bagpipe.keys import batch_keys, trainer_keys
+from bagpipe.keys import source_keys, trainer_keys
 from bagpipe.policies import PLANNED
 from oracle.planner import INF, BatchSource, Planner, PlannerConfig, PlanError
 
@@ -34,7 +34,7 @@ def belady_fetches(batches: BatchSource, batch_size: int, trainers: int, capacit
     iterations = min(iterations or len(batches), len(batches))
     per_trainer: list[list[np.ndarray]] = [[] for _ in range(trainers)]
     for i in range(iterations):
-        keys = batch_keys(batches[i])
+        keys = source_keys(batches, i, trainers)
         for t in range(trainers):
             per_trainer[t].append(np.unique(trainer_keys(keys, t, trainers)))
     out = []
@@ -116,9 +116,12 @@ def write_trace(batches: BatchSource, iterations: int, path: str) -> None:
         for i in range(iterations):
             rows = np.asarray(batches[i], dtype=np.int64)
             b, t = rows.shape
-            table = pa.table({"iteration": np.full(b * t, i, np.int64),
-                              "table": np.tile(np.arange(t, dtype=np.int32), b),
-                              "row": rows.reshape(-1)})
+            tables = getattr(batches, "column_tables", None)
+            tables = np.arange(t) if tables is None else tables
+            present = rows.reshape(-1) >= 0  # a bag's pads are no lookup
+            table = pa.table({"iteration": np.full(int(present.sum()), i, np.int64),
+                              "table": np.tile(np.asarray(tables, dtype=np.int32), b)[present],
+                              "row": rows.reshape(-1)[present]})
             if writer is None:
                 writer = pq.ParquetWriter(path + ".tmp", table.schema)
             writer.write_table(table)

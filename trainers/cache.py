@@ -61,8 +61,11 @@ class SlotCache:
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         return self.rows.index_select(0, slots)
 
-    def lookup(self, kjt: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor, torch.Tensor]:
-        """Pooled embeddings of a KJT of slots (a bag of slots per sample and table, summed).
+    def lookup(self, kjt: KeyedJaggedTensor, mean: torch.Tensor | None = None
+               ) -> tuple[KeyedTensor, torch.Tensor, torch.Tensor]:
+        """Pooled embeddings of a KJT of slots (a bag of slots per sample and table, summed; the
+        tables where ``mean`` [tables] is true divide their sums by the bag's length, an empty bag
+        staying zero).
 
         Returns the KeyedTensor for the model, the leaf tensor of distinct rows
         (its ``.grad`` is the gradient per distinct row after backward), and
@@ -80,6 +83,12 @@ class SlotCache:
         offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
         torch.cumsum(lengths, 0, out=offsets[1:])
         pooled = pooled_lookup(leaf, inverse, offsets, len(keys), kjt.stride())
+        if mean is not None and bool(mean.any()):
+            # Divide after summing, the same operations for every policy (a sum table divides by 1,
+            # which changes no bit), so a cached and an all-in-memory run pool alike.
+            per_bag = lengths.view(len(keys), kjt.stride()).t().to(pooled.dtype).clamp(min=1)
+            divisor = torch.where(mean.to(pooled.device)[None, :], per_bag, torch.ones_like(per_bag))
+            pooled = (pooled.view(kjt.stride(), len(keys), self.dim) / divisor[:, :, None]).view_as(pooled)
         return KeyedTensor(keys=keys, length_per_key=[self.dim] * len(keys), values=pooled), leaf, uniq
 
     @torch.no_grad()
@@ -143,6 +152,49 @@ def pooled_lookup(leaf: torch.Tensor, indices: torch.Tensor, offsets: torch.Tens
     bags = torch.zeros(features * batch, dim, dtype=leaf.dtype, device=leaf.device)
     bags = bags.index_add(0, bag_of, leaf[indices]) if n else bags
     return bags.view(features, batch, dim).transpose(0, 1).reshape(batch, features * dim)
+
+
+class BagLayout:
+    """How a batch's [b, S] matrix of slots becomes the lookup's KeyedJaggedTensor.
+
+    Table t owns ``bags[t]`` adjacent columns; a sample's bag is the first of them that hold an id,
+    the rest are pads (``bagpipe.dataset.PAD`` in the batch's ids; in the plan's slots a stand-in
+    the lookup skips). ``pooling`` is ``sum`` or ``mean`` per table. One-hot data (every bag one
+    id) keeps the plain path: one value per sample and table, no masking.
+    """
+
+    def __init__(self, table_names: list[str], bags: list[int], pooling: list[str]) -> None:
+        self.table_names, self.bags = table_names, list(bags)
+        self.one_hot = max(self.bags) == 1
+        self.first_column = np.concatenate([[0], np.cumsum(self.bags)[:-1]]).astype(np.int64)
+        self.mean = torch.tensor([p == "mean" for p in pooling], dtype=torch.bool)
+        self._order: dict[int, np.ndarray] = {}
+
+    def _values_order(self, batch: int) -> np.ndarray:
+        """Flat positions of [b, S] in KJT order: table, then sample, then place in the bag."""
+        if batch not in self._order:
+            width = int(sum(self.bags))
+            parts = [(np.arange(batch)[:, None] * width + lo + np.arange(w)[None, :]).ravel()
+                     for lo, w in zip(self.first_column.tolist(), self.bags)]
+            self._order[batch] = np.concatenate(parts)
+        return self._order[batch]
+
+    def kjt(self, read_slots: torch.Tensor, ids: np.ndarray) -> KeyedJaggedTensor:
+        """The KJT of slots for a batch whose row ids (PAD where a bag ends early) are ``ids`` [b, S]."""
+        if self.one_hot:
+            return slots_kjt(self.table_names, read_slots)
+        batch = ids.shape[0]
+        order = self._values_order(batch)
+        present = (ids >= 0).reshape(-1)[order]
+        lengths = np.add.reduceat(ids >= 0, self.first_column, axis=1).T.reshape(-1)
+        pick = torch.from_numpy(order[present]).to(read_slots.device)
+        values = read_slots.reshape(-1).index_select(0, pick).to(torch.int64)
+        return KeyedJaggedTensor(keys=self.table_names, values=values,
+                                 lengths=torch.from_numpy(lengths.astype(np.int32)).to(read_slots.device),
+                                 stride=batch)
+
+    def lookup(self, cache: "SlotCache", read_slots: torch.Tensor, ids: np.ndarray):
+        return cache.lookup(self.kjt(read_slots, ids), None if self.one_hot else self.mean)
 
 
 def slots_kjt(table_names: list[str], read_slots: torch.Tensor) -> KeyedJaggedTensor:

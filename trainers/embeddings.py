@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bagpipe.config import CacheConfig
-from bagpipe.keys import ROW_BITS, batch_keys, initial_rows, key_row, key_table, trainer_keys
+from bagpipe.keys import ROW_BITS, initial_rows, key_row, key_table, plan_keys, trainer_keys
 from bagpipe.wire import Plan
 from trainers.cache import RowInstaller, SlotCache
 
@@ -76,14 +76,16 @@ class Embeddings:
 class LocalPlans:
     """Policy ``local``'s plans: every row lives in the trainer (slot = table offset + row)."""
 
-    def __init__(self, offsets: np.ndarray, sparse, rank: int, world: int) -> None:
+    def __init__(self, offsets: np.ndarray, sparse, rank: int, world: int,
+                 column_tables: np.ndarray | None = None) -> None:
         self.offsets, self.sparse, self.rank, self.world = offsets, sparse, rank, world
+        self.column_tables = column_tables  # multi-hot: each column's table (None: column t is table t)
 
     def slots(self, keys: np.ndarray) -> np.ndarray:
         return (self.offsets[key_table(keys)] + key_row(keys)).astype(np.int32)
 
     def next_plan(self, iteration: int) -> Plan:
-        keys = batch_keys(self.sparse[iteration])
+        keys = plan_keys(self.sparse[iteration], self.column_tables, self.world)
         mine = trainer_keys(keys, self.rank, self.world)
         plan = Plan.empty(iteration, self.rank, mine.shape[0], keys.shape[1])
         plan.read_slots = self.slots(mine)
@@ -100,7 +102,7 @@ class LocalEmbeddings(Embeddings):
     """Every row of every table in one ``SlotCache`` (policy ``local``)."""
 
     def __init__(self, table_sizes: np.ndarray, cfg: CacheConfig, dim: int, seed: int, device: torch.device,
-                 sparse, rank: int, world: int) -> None:
+                 sparse, rank: int, world: int, column_tables: np.ndarray | None = None) -> None:
         self.table_sizes = np.asarray(table_sizes, np.int64)
         self.dim, self.state_width, self.device = dim, cfg.state_width, device
         self.offsets = np.concatenate([[0], np.cumsum(self.table_sizes)[:-1]]).astype(np.int64)
@@ -109,7 +111,7 @@ class LocalEmbeddings(Embeddings):
         # On the device, so marking the rows a step updated costs no wait for that step (a copy to the
         # host would make the CPU wait for the optimizer's kernels every iteration).
         self.touched = torch.zeros(total, dtype=torch.bool, device=device)
-        self.plans = LocalPlans(self.offsets, sparse, rank, world)
+        self.plans = LocalPlans(self.offsets, sparse, rank, world, column_tables)
         for t, n in enumerate(self.table_sizes.tolist()):
             for lo in range(0, n, 1 << 20):
                 keys = (np.int64(t) << ROW_BITS) | np.arange(lo, min(n, lo + (1 << 20)), dtype=np.int64)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from bagpipe.dataset import Batch
 from bagpipe.wire import Plan
-from trainers.cache import slots_kjt, to_device
+from trainers.cache import BagLayout, to_device
 from trainers.embeddings import Embeddings
 
 # The phases a step is timed in (seconds per iteration in metrics.json; see StepResult.times).
@@ -80,9 +80,12 @@ class Step:
     """One iteration (see the module docstring). Subclasses change one rule (``trainers.mutants``)."""
 
     def __init__(self, model: torch.nn.Module, dense_opt: torch.optim.Optimizer, comm: Communicator,
-                 table_names: list[str], global_batch: int, device: torch.device) -> None:
+                 table_names: list[str], global_batch: int, device: torch.device,
+                 layout: BagLayout | None = None) -> None:
         self.model, self.dense_opt, self.comm = model, dense_opt, comm
         self.table_names, self.global_batch, self.device = table_names, global_batch, device
+        # How the plan's slots form bags (one-hot, summed, unless the data says otherwise).
+        self.layout = layout or BagLayout(table_names, [1] * len(table_names), ["sum"] * len(table_names))
         self.dense_params = list(model.parameters())
         # On CUDA a phase's kernels are queued, not run, when its clock stops: the times say where the
         # host spends its time. BAGPIPE_SYNC_TIMERS=1 makes each clock wait for the device first (one
@@ -106,7 +109,7 @@ class Step:
         dense = to_device(batch.dense, dev)
         labels = to_device(batch.labels, dev)
         read_slots = to_device(plan.read_slots.astype(np.int64), dev)
-        kt, leaf, uniq = emb.cache.lookup(slots_kjt(self.table_names, read_slots))
+        kt, leaf, uniq = self.layout.lookup(emb.cache, read_slots, batch.sparse)
         logits = self.model(dense, kt)
         # Sum over the local batch / global batch: summed over ranks this is the global mean.
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / self.global_batch

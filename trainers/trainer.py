@@ -32,7 +32,7 @@ from bagpipe.metrics import evaluation
 from bagpipe.placement import Placement
 from bagpipe.procs import die_with_parent
 from bagpipe.rundir import RunDir
-from trainers.cache import SlotCache, slots_kjt
+from trainers.cache import BagLayout, SlotCache
 from trainers.embeddings import CachedEmbeddings, Embeddings, LocalEmbeddings
 from trainers.models import build_dense_model
 from trainers.reporting import rank0_sinks
@@ -139,7 +139,8 @@ class Trainer:
         self.reader, self.iterations = reader, iterations
         self.batches = BatchPrefetcher(reader, iterations - 1)
         self.dense_opt = torch.optim.Adagrad(list(model.parameters()), lr=cfg.dense_lr)
-        self.step = step_cls(model, self.dense_opt, comm, self.table_names, cfg.batch_size, device)
+        self.layout = BagLayout(self.table_names, dataset.bags, cfg.model_config().pooling_per_table(len(dataset.tables)))
+        self.step = step_cls(model, self.dense_opt, comm, self.table_names, cfg.batch_size, device, self.layout)
         self.meters = Meters()
         self.eval_history: list[dict] = []
         self.sinks = rank0_sinks(run, iterations, cfg.tensorboard) if comm.rank == 0 else None
@@ -244,12 +245,14 @@ class Trainer:
         scores, labels = [], []
         for j in range(min(len(reader), cfg.eval_batches)):
             batch = reader[j]
-            keys = batch_keys(batch.sparse)
-            uniq, inv = np.unique(keys, return_inverse=True)
+            keys = batch_keys(batch.sparse, self.dataset.column_tables)
+            present = keys >= 0  # pads: skipped by the lookup, their slot is any
+            uniq, inv = np.unique(keys[present], return_inverse=True)
             tmp = SlotCache(len(uniq), cfg.embedding_dim, cfg.state_width, self.device, cfg.optimizer, cfg.lr, cfg.eps)
             tmp.rows[:] = torch.from_numpy(self.emb.rows_for(uniq)).to(self.device)
-            slots = torch.from_numpy(inv.reshape(keys.shape).astype(np.int64)).to(self.device)
-            kt, _, _ = tmp.lookup(slots_kjt(self.table_names, slots))
+            slot_of = np.zeros(keys.shape, np.int64)
+            slot_of[present] = inv
+            kt, _, _ = self.layout.lookup(tmp, torch.from_numpy(slot_of).to(self.device), batch.sparse)
             logits = self.model(torch.from_numpy(batch.dense).to(self.device), kt)
             scores.append(torch.sigmoid(logits).cpu().numpy())
             labels.append(batch.labels)
@@ -328,7 +331,7 @@ def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, envir
     if not cfg.rules.planned:
         sparse = dataset.sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
         emb: Embeddings = LocalEmbeddings(table_sizes, cfg.cache_config(), cfg.embedding_dim, cfg.seed, device,
-                                          sparse, comm.rank, comm.world)
+                                          sparse, comm.rank, comm.world, dataset.column_tables)
     else:
         from bagpipe.store import EmbeddingStore
         from trainers.planclient import PlanClient

@@ -169,8 +169,9 @@ def _sizes(cfg: RunConfig, trainer_counts: tuple[int, ...]) -> tuple[dict[int, i
     for i in range(iterations):
         rows = sparse[i]
         for n in trainer_counts:
-            most[n] = max(most[n], int(distinct_rows_per_trainer(rows, n).max()))
-        seen.update(np.unique(batch_keys(rows)).tolist())
+            most[n] = max(most[n], int(distinct_rows_per_trainer(rows, n, sparse.column_tables).max()))
+        keys = batch_keys(rows, sparse.column_tables)
+        seen.update(np.unique(keys[keys >= 0]).tolist())
     return most, len(seen)
 
 

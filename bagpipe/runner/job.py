@@ -148,12 +148,13 @@ def _check_data(cfg: RunConfig) -> int:
         for j in range(min(len(evals), cfg.eval_batches)):
             evals[j]
     # Bounded policies: a trainer's whole batch may not fit, so count what the first batches need.
-    bounded = rules.planned and rules.bounded and cfg.cache_rows < cfg.local_batch * len(dataset.tables)
+    cfg.model_config().pooling_per_table(len(dataset.tables))  # one pooling, or one per table
+    bounded = rules.planned and rules.bounded and cfg.cache_rows < cfg.local_batch * len(dataset.column_tables)
     worst = (0, 0, 0)  # (distinct rows, trainer, iteration)
     for i in range(min(iterations, PREFLIGHT_BATCHES)):
         batch = sparse[i]  # read, and so checked, whatever the policy
         if bounded:
-            counts = distinct_rows_per_trainer(batch, cfg.trainers)
+            counts = distinct_rows_per_trainer(batch, cfg.trainers, dataset.column_tables)
             t = int(np.argmax(counts))
             worst = max(worst, (int(counts[t]), -t, -i))
     need, t, i = worst[0], -worst[1], -worst[2]
