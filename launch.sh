@@ -32,7 +32,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
   set -- --set iterations=20 --set batch_size=256 --set cache_rows=4000 "$@"
 fi
 DATA_ROWS=${DATA_ROWS:-200000}
-DATA_DIR=${DATA_DIR:-runs/data/criteo-synth-${DATA_ROWS}/prepared}
+# A config for multi-hot data names its bags in [synthetic_data] (configs/mlperf-dlrmv2-small.toml).
+read -r MULTI_HOT BAG_LENGTHS < <($PY scripts/synthetic_data.py "$CONFIG")
+ONE_HOT_DIR=runs/data/criteo-synth-${DATA_ROWS}/prepared
+if [ "$MULTI_HOT" = none ]; then
+  DATA_DIR=${DATA_DIR:-$ONE_HOT_DIR}
+else
+  DATA_DIR=${DATA_DIR:-runs/data/criteo-synth-${DATA_ROWS}/multi-hot-${MULTI_HOT//,/-}-${BAG_LENGTHS}}
+fi
 NODE_RANK=${NODE_RANK:-0}
 
 if [ ! -f "$DATA_DIR/meta.json" ]; then
@@ -41,12 +48,20 @@ if [ ! -f "$DATA_DIR/meta.json" ]; then
       "same path (a shared filesystem, or prepare it on each node first)" >&2
     exit 1
   fi
-  raw="$(dirname "$DATA_DIR")/raw"
-  echo "== synthesising $DATA_ROWS Criteo-format rows into $raw"
-  $PY -m bagpipe data synth --format criteo --rows "$DATA_ROWS" --out "$raw" --seed 0 --files 2
-  echo "== preparing Parquet in $DATA_DIR"
-  $PY -m bagpipe data prepare --format criteo --input "$raw"/* --out "$DATA_DIR" \
-    --hash-buckets 200000 --eval-fraction 0.05
+  one_hot=$DATA_DIR
+  [ "$MULTI_HOT" = none ] || one_hot=$ONE_HOT_DIR
+  if [ ! -f "$one_hot/meta.json" ]; then
+    raw="$(dirname "$one_hot")/raw"
+    echo "== synthesising $DATA_ROWS Criteo-format rows into $raw"
+    $PY -m bagpipe data synth --format criteo --rows "$DATA_ROWS" --out "$raw" --seed 0 --files 2
+    echo "== preparing Parquet in $one_hot"
+    $PY -m bagpipe data prepare --format criteo --input "$raw"/* --out "$one_hot" \
+      --hash-buckets 200000 --eval-fraction 0.05
+  fi
+  if [ "$MULTI_HOT" != none ]; then
+    echo "== making it multi-hot (bags $MULTI_HOT, lengths $BAG_LENGTHS) in $DATA_DIR"
+    $PY -m bagpipe data multi-hot --input "$one_hot" --out "$DATA_DIR" --bags "$MULTI_HOT" --lengths "$BAG_LENGTHS"
+  fi
 fi
 
 echo "== training ($CONFIG) in $RUN_DIR (node $NODE_RANK of ${NNODES:-1})"

@@ -399,6 +399,9 @@ class RunConfig:
                 raise ConfigError(f"config file {p} does not exist") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+            # [synthetic_data]: how launch.sh makes data for this config when given none
+            # (scripts/synthetic_data.py reads it); not a key of the run.
+            values.pop("synthetic_data", None)
             # Relative data paths are relative to the config file.
             if values.get("data") and not Path(values["data"]).is_absolute():
                 values["data"] = str((p.parent / values["data"]).resolve())
