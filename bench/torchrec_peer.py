@@ -30,6 +30,7 @@ from bagpipe.config import ConfigError, RunConfig, add_set_argument
 from bagpipe.dataset import Dataset
 from bagpipe.log import init_logger
 from bagpipe.placement import plan_placement
+from trainers.cache import BagLayout
 from trainers.models import build_dense_model
 from trainers.trainer import BatchPrefetcher
 
@@ -39,7 +40,6 @@ def train_peer(cfg: RunConfig) -> dict:
     from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
     from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
     from torchrec.optim import RowWiseAdagrad
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     dataset = Dataset(cfg.data)
     names = [name for name, _ in dataset.tables]
@@ -47,21 +47,23 @@ def train_peer(cfg: RunConfig) -> dict:
     iterations = cfg.iterations or len(reader)
     torch.manual_seed(cfg.seed)
     model = build_dense_model(cfg.model_config(), dataset.num_dense, len(names))
+    pooling = cfg.model_config().pooling_per_table(len(names))
+    kinds = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
     tables = [EmbeddingBagConfig(num_embeddings=n, embedding_dim=cfg.embedding_dim, name=f"t_{name}",
-                                 feature_names=[name], pooling=PoolingType.SUM) for name, n in dataset.tables]
+                                 feature_names=[name], pooling=kinds[p])
+              for (name, n), p in zip(dataset.tables, pooling)]
+    layout = BagLayout(names, dataset.bags, pooling)  # bags of ids as the trainer makes them (multi-hot)
     ebc = FusedEmbeddingBagCollection(tables=tables, optimizer_type=RowWiseAdagrad,
                                       optimizer_kwargs={"lr": cfg.lr, "eps": cfg.eps}, device=torch.device("cpu"))
     dense_opt = torch.optim.Adagrad(model.parameters(), lr=cfg.dense_lr)
     batches = BatchPrefetcher(reader, iterations - 1)
-    ones = torch.ones(cfg.batch_size * len(names), dtype=torch.int32)
     ended, phases = [], {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     started = time.perf_counter()
     try:
         for i in range(iterations):
             batch = batches.get(i)
             t0 = time.perf_counter()
-            kjt = KeyedJaggedTensor(keys=names, values=torch.from_numpy(batch.sparse.T.reshape(-1).copy()),
-                                    lengths=ones, stride=cfg.batch_size)
+            kjt = layout.kjt(torch.from_numpy(batch.sparse), batch.sparse)
             logits = model(torch.from_numpy(batch.dense), ebc(kjt))
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(batch.labels))
             t1 = time.perf_counter()
