@@ -1,6 +1,6 @@
 """Data pipeline speed: synthesis, `prepare` and the batch reader, in rows per second.
 
-    .venv/bin/python bench/data_speed.py [--rows 1000000] [--batch-size 4096] [--auc-rows 200000]
+    .venv/bin/python bench/data_speed.py [--rows 1000000] [--batch-size 4096] [--auc-rows 200000] [--multi-hot mlperf]
 
 Synthesises N Criteo-format rows into a temporary directory, prepares them
 (1M hash buckets, 5% eval split), then reads every full global batch in
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--auc-rows", type=int, default=200_000, help="0: skip the logistic regression")
+    parser.add_argument("--multi-hot", default="", metavar="BAGS",
+                        help="also make the data multi-hot (bagpipe data multi-hot --bags BAGS) and time its reader")
     args = parser.parse_args(argv)
     init_logger("bench", level="WARNING")
     results: list[tuple[str, str]] = []
@@ -102,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
         results.append((f"reader, B={args.batch_size}, shuffled", f"{full:>12,.0f} rows/s  (first batch {first:.2f} s)"))
         sparse, first = read_rate(ds.sparse_batches(args.batch_size, seed=0))
         results.append(("sparse view, same order", f"{sparse:>12,.0f} rows/s  (first batch {first:.2f} s)"))
+        if args.multi_hot:
+            from data.multihot import MultiHotConfig, materialize, parse_bags
+
+            mh = pathlib.Path(tmp) / "multi-hot"
+            t0 = time.perf_counter()
+            materialize(MultiHotConfig(out, mh, parse_bags(args.multi_hot, len(ds.tables))))
+            mh_s = time.perf_counter() - t0
+            results.append((f"multi-hot ({args.multi_hot})", f"{args.rows / mh_s:>12,.0f} rows/s  ({mh_s:.1f} s)"))
+            mds = Dataset(mh)
+            full, first = read_rate(mds.batches(args.batch_size, seed=0))
+            ids = len(mds.column_tables)
+            results.append((f"multi-hot reader, B={args.batch_size}", f"{full:>12,.0f} rows/s  ({full * ids:,.0f} "
+                            f"ids/s at {ids} a sample; first batch {first:.2f} s)"))
+            sparse, first = read_rate(mds.sparse_batches(args.batch_size, seed=0))
+            results.append(("multi-hot sparse view", f"{sparse:>12,.0f} rows/s  ({sparse * ids:,.0f} ids/s)"))
         results.append(("top 1% of rows take", f"{100 * report.top1pct_share:>11.1f}% of lookups (first "
                         f"{report.sample_rows:,} rows)"))
         results.append(("CTR", f"{report.ctr:>12.3f}"))
