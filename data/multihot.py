@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from bagpipe.dataset import PARQUET_WRITE_OPTIONS, SPLITS, Dataset, DatasetError, content_hash, file_schema
 from bagpipe.keys import splitmix64
+from bagpipe.progress import Progress
 
 log = logging.getLogger("multi-hot")
 
@@ -152,6 +153,7 @@ def materialize(cfg: MultiHotConfig) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     files: dict[str, list[str]] = {}
     ids_written = 0
+    progress = Progress("multi-hot", src.num_rows("train") + src.num_rows("eval"), log)
     try:
         row_base = 0
         for split in SPLITS:
@@ -180,6 +182,7 @@ def materialize(cfg: MultiHotConfig) -> dict:
                             ids_written += len(arr.values)
                             cols.append(arr)
                         writer.write_table(pa.table(cols, schema=schema), row_group_size=n)
+                        progress.add(n)
         meta = dict(src.meta)
         meta["tables"] = [{"name": n, "num_embeddings": int(s), "bag": int(b)}
                           for n, s, b in zip(src.sparse_names, sizes, cfg.bags)]
@@ -197,6 +200,8 @@ def materialize(cfg: MultiHotConfig) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        progress.close()
     elapsed = time.perf_counter() - started
     total = int(src.num_rows("train") + src.num_rows("eval"))
     log.info("wrote %d rows (%.1f ids per sample) to %s in %.1f s", total, ids_written / max(total, 1), cfg.out,

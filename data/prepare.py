@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bagpipe.progress import Progress
 from bagpipe.dataset import PARQUET_WRITE_OPTIONS, content_hash, file_schema
 from bagpipe.log import init_logger
 from data import formats as F
@@ -628,22 +629,6 @@ def output_schema(lay: F.Layout) -> pa.Schema:
 # ------------------------------------------------------------------ the passes
 
 
-class _Progress:
-    """A log line with rows/s every few seconds (stderr, through the logger)."""
-
-    def __init__(self, what: str, every_s: float = 5.0) -> None:
-        self.what, self.every_s = what, every_s
-        self.t0 = self.last = time.perf_counter()
-        self.rows = 0
-
-    def add(self, rows: int) -> None:
-        self.rows += rows
-        now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            self.last = now
-            log.info("%s: %d rows (%.0f rows/s)", self.what, self.rows, self.rows / (now - self.t0))
-
-
 @dataclass
 class _BadRows:
     policy: str
@@ -663,7 +648,7 @@ class _BadRows:
         self.count += parsed.bad_count
 
 
-def _rows_of(cfg: PrepareConfig, lay: F.Layout, progress: _Progress,
+def _rows_of(cfg: PrepareConfig, lay: F.Layout, progress: Progress,
              bad: _BadRows) -> Iterator[tuple[int, Parsed]]:
     """(row base, parsed block) over every input in order: row base + line number = global row index.
 
@@ -706,7 +691,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     started = time.perf_counter()
     # The eval split is the last rows, so it needs the row count first (a cheap pass,
     # which also finds empty inputs and broken gzip before anything is written).
-    first_eval = None
+    first_eval = total = None
     if cfg.eval_fraction > 0:
         total = sum(count_rows(path, lay.header, cfg.block_bytes) for path in cfg.inputs)
         first_eval = total - int(total * cfg.eval_fraction)
@@ -720,10 +705,12 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     if cfg.min_frequency is not None:
         # First pass: value counts over the train rows only (eval values never leak into ids).
         counts = [ValueCounts() for _ in range(lay.num_cat)]
-        for row_base, parsed in _rows_of(cfg, lay, _Progress("vocabulary pass"), _BadRows(cfg.on_bad_row, quiet=True)):
+        counting = Progress("vocabulary pass", total, log)
+        for row_base, parsed in _rows_of(cfg, lay, counting, _BadRows(cfg.on_bad_row, quiet=True)):
             train = ~is_eval(row_base, parsed)
             for t, cnt in enumerate(counts):
                 cnt.add(parsed.values[t, train], parsed.missing[t, train])
+        counting.close()
         encoder: HashEncoder | VocabEncoder = VocabEncoder(counts, cfg.min_frequency)
         del counts
         log.info("vocabulary: %s ids per table", encoder.sizes)
@@ -735,7 +722,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    progress = _Progress("prepare")
+    progress = Progress("prepare", total, log)
     bad = _BadRows(cfg.on_bad_row)
     try:
         schema = output_schema(lay)
@@ -759,7 +746,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     elapsed = time.perf_counter() - started
-    rate = progress.rows / max(elapsed, 1e-9)
+    progress.close()
+    rate = progress.done / max(elapsed, 1e-9)
     log.info("wrote %d train and %d eval rows to %s in %.1f s (%.0f rows/s), %d bad rows skipped",
              meta["rows"], meta["eval_rows"], cfg.out, elapsed, rate, bad.count)
     return PrepareResult(meta, rate)

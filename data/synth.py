@@ -32,6 +32,7 @@ import numpy as np
 from bagpipe.keys import splitmix64
 from bagpipe.log import init_logger
 from bagpipe.metrics import auc
+from bagpipe.progress import Progress
 from data import formats as F
 
 log = logging.getLogger("bagpipe.data.synth")
@@ -429,6 +430,7 @@ def synthesise(cfg: SynthConfig) -> SynthReport:
     sample_ranks: list[list[np.ndarray]] = [[] for _ in range(lay.num_cat)]
     sample_prob, sample_labels = [], []
     clicks = 0
+    progress = Progress(f"synth {cfg.format}", cfg.rows, log)
     try:
         for chunk, start in enumerate(range(0, cfg.rows, CHUNK_ROWS)):
             n = min(CHUNK_ROWS, cfg.rows - start)
@@ -446,10 +448,11 @@ def synthesise(cfg: SynthConfig) -> SynthReport:
                 sample_prob.append(c.prob[:m])
                 sample_labels.append(c.labels[:m])
             out.write(start, text)
-            if chunk % 16 == 15:
-                log.info("%d / %d rows", start + n, cfg.rows)
+            progress.add(n)
+        progress.close()
         files = out.commit()
     except BaseException:
+        progress.close()
         out.abort()
         raise
     share = top_share([np.concatenate(v) for v in sample_ranks])

@@ -77,3 +77,19 @@ def test_output_to_a_file_stays_timestamped_lines_with_an_eta(small_criteo, tmp_
     assert lines and all("ETA" in ln and "samples/s" in ln for ln in lines)
     assert "NE" in out.stdout and "samples/s steady" in out.stdout
     assert not (run_dir / "tensorboard").exists()
+
+
+def test_data_commands_report_progress_with_an_eta_when_not_on_a_terminal(caplog):
+    """Off a terminal (CI, a log file), synth, prepare and multi-hot log rows, rows/s and an ETA."""
+    import logging
+
+    from bagpipe.progress import Progress
+
+    log = logging.getLogger("progress-under-test")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        p = Progress("prepare", 1000, log, every_s=0.0)
+        p.add(250)
+        p.add(250)
+        p.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == log.name]
+    assert len(lines) == 2 and lines[1].startswith("prepare: 500 / 1000 rows (") and "ETA" in lines[1]
