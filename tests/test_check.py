@@ -26,6 +26,10 @@ def test_small_matrix_passes_and_catches_every_mutant_and_fault(small_criteo, tm
     for policy in ("none", "lru", "lfu", "lru-prefetch", "static", "bagpipe", "bagpipe-original"):
         row = by_name[f"policy={policy}"]
         assert row["exact"] and row["rows"] > 0 and max(row["max_abs"].values()) == 0.0
+    # The base data made multi-hot (empty bags, repeated ids), summed and averaged, bit for bit.
+    for name in ("bagpipe multi-hot sum", "lru multi-hot mean"):
+        row = by_name[name]
+        assert row["exact"] and row["rows"] > 0 and max(row["max_abs"].values()) == 0.0, row
     # The planted mutants were caught by the comparison (they trained, wrongly), not by luck.
     mutants = [r for r in results if r["mutant"]]
     assert len(mutants) == 2 and all(r["passed"] for r in mutants)

@@ -110,7 +110,8 @@ def verdict(cmp: Comparison, exact: bool) -> bool:
     return cmp.worst_rel() <= MULTI_RTOL
 
 
-def matrix(name: str, base: RunConfig, min_cache: dict[int, int], all_rows: int) -> list[Variation]:
+def matrix(name: str, base: RunConfig, min_cache: dict[int, int], all_rows: int,
+           bags_data: str | None = None) -> list[Variation]:
     """The variations to run; ``small`` fits in make test, ``full`` covers every axis."""
     v = [Variation(f"policy={p}", {"policy": p, "trainers": 1})
          for p in ("none", "lru", "lfu", "lru-prefetch", "static", "bagpipe", "bagpipe-original")]
@@ -129,6 +130,13 @@ def matrix(name: str, base: RunConfig, min_cache: dict[int, int], all_rows: int)
         Variation("bagpipe model=dcn", {"policy": "bagpipe", "trainers": 1, "model": "dcn"}),
         Variation("bagpipe redis cluster (3 masters)", {"policy": "bagpipe", "trainers": 2, "shards": 3,
                                                         "redis_cluster": True}),
+        *([] if bags_data is None else [
+            # The base data made multi-hot (bags of 0-3 ids, empty bags, repeats in small tables).
+            Variation("bagpipe multi-hot sum", {"policy": "bagpipe", "trainers": 1, "data": bags_data,
+                                                "pooling": ("sum",), "cache_rows": 3 * min_cache[1]}),
+            Variation("lru multi-hot mean", {"policy": "lru", "trainers": 1, "data": bags_data, "pooling": ("mean",),
+                                             "cache_rows": 3 * min_cache[1]}),
+        ]),
         Variation("FAULT plan delayed 2s", {"policy": "bagpipe", "trainers": 2}, fault="plan-delay"),
         Variation("FAULT plan duplicated", {"policy": "bagpipe", "trainers": 2}, fault="plan-duplicate",
                   caught_by="arrived when iteration"),
@@ -181,17 +189,27 @@ def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | No
 
     min_cache, all_rows = _sizes(cfg, (1, 2, 3))
     results = []
-    references: dict[tuple[str, str], dict] = {}
+    references: dict[tuple, dict] = {}
 
-    def reference(model: str, optimizer: str) -> dict:
-        key = (model, optimizer)
+    def reference(vcfg: RunConfig) -> dict:
+        key = (vcfg.model, vcfg.optimizer, vcfg.data, vcfg.pooling)
         if key not in references:
-            rd = work / f"reference-{model}-{optimizer}"
-            run_job(cfg.replace(policy="local", trainers=1, model=model, optimizer=optimizer), rd, quiet=True)
+            rd = work / f"reference-{len(references)}"
+            run_job(cfg.replace(policy="local", trainers=1, model=vcfg.model, optimizer=vcfg.optimizer,
+                                data=vcfg.data, pooling=vcfg.pooling), rd, quiet=True)
             references[key] = load_model(rd)
         return references[key]
 
-    for n, var in enumerate(matrix(matrix_name, cfg, min_cache, all_rows)):
+    bags_data = None
+    if not Dataset(cfg.data).multi_hot:  # one-hot data: check its multi-hot twin as well
+        from data.multihot import MultiHotConfig, materialize
+
+        bags = work / "multi-hot-data"
+        if not (bags / "meta.json").exists():
+            materialize(MultiHotConfig(Path(cfg.data), bags, (3,) * len(Dataset(cfg.data).tables), "uniform", 0))
+        bags_data = str(bags)
+
+    for n, var in enumerate(matrix(matrix_name, cfg, min_cache, all_rows, bags_data)):
         if only and not any(o in var.name for o in only):
             continue
         rd = work / f"variation-{n:02d}"
@@ -213,7 +231,7 @@ def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | No
         if error:
             row.update(ok=False, error=_first_reason(error, var.caught_by), rows=0, max_abs={}, max_rel={})
         else:
-            cmp = compare_models(reference(vcfg.model, vcfg.optimizer), load_model(rd))
+            cmp = compare_models(reference(vcfg), load_model(rd))
             row.update(ok=verdict(cmp, exact), rows=cmp.rows, max_abs=cmp.max_abs, max_rel=cmp.max_rel,
                        problems=cmp.problems)
         if var.mutant:  # a mutant passes the check only by being caught
