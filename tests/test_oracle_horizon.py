@@ -77,3 +77,28 @@ def test_auto_is_the_default_and_the_keys_are_checked():
                      ("oracle_memory_mb=0", "oracle_memory_mb"), ("oracle_memory_mb=-3", "oracle_memory_mb")):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             RunConfig.load(None, [bad])
+
+
+@pytest.mark.slow
+def test_an_auto_horizon_job_trains_the_local_model(small_criteo, tmp_path):
+    """One trainer, the default horizon, two checkpoint segments (each chooses its own): the exported
+    model is bitwise the all-in-memory one, and the oracle reports the window it chose."""
+    import json
+
+    from bagpipe.runner.export import load_model
+    from bagpipe.runner.job import run_job
+
+    base = RunConfig(data=str(small_criteo), trainers=1, shards=2, batch_size=128, iterations=12,
+                     cache_rows=2500, lead=2, eval_batches=1, checkpoint_every=6)
+    assert base.horizon == "auto"
+    run_job(base.replace(policy="local"), tmp_path / "local", quiet=True)
+    run_job(base.replace(policy="bagpipe"), tmp_path / "auto", quiet=True)
+    want, got = load_model(tmp_path / "local"), load_model(tmp_path / "auto")
+    for name, tensor in want["dense"].items():
+        assert got["dense"][name].equal(tensor), name
+    for table, rows in want["tables"].items():
+        for part in ("ids", "weights", "state"):
+            assert got["tables"][table][part].equal(rows[part]), (table, part)
+    stats = json.loads((tmp_path / "auto" / "oracle_stats.json").read_text())
+    assert stats[0]["horizon_reason"] in ("cover", "iterations") and stats[0]["horizon"] >= 2
+    assert 0 < stats[0]["window_mb"] <= stats[0]["oracle_memory_mb"] == 1024
