@@ -22,6 +22,9 @@ on every run of the same job: plans stay deterministic. It is bounded by
   window arrays take: three int32 per lookup per trainer, and one 64-byte row
   entry, a 16-byte index cell and a 4-byte free-list slot per distinct row.
 
+Choosing holds each batch's distinct keys per trainer (8 bytes a key) and sorts them at 1, 2, 4, ...
+batches read, so it costs a few sorts of the window's keys, not a Python set of millions of rows.
+
 What was chosen and why is returned as a ``HorizonChoice``: the oracle logs it
 and reports it (``oracle_horizon`` and ``oracle_window_mb`` in the run's
 oracle stats).
@@ -67,35 +70,63 @@ def window_bytes(lookups_per_trainer: int, trainers: int, horizon: int, distinct
 def choose_horizon(batches, cache_rows: int, trainers: int, lead: int, iterations: int,
                    memory_mb: float) -> HorizonChoice:
     """The shortest horizon >= ``lead`` whose window holds ``COVER * cache_rows`` distinct rows for
-    every trainer, within the memory budget (see the module's docstring)."""
+    every trainer, within the memory budget (see the module's docstring).
+
+    Each batch's distinct keys per trainer are kept as int64 arrays (8 bytes a key, less than the
+    window they measure takes); at 1, 2, 4, ... batches read, one sort per trainer gives the
+    iteration of every key's first use, hence the distinct rows of every window 0..h at once."""
     budget = memory_mb * 2**20
-    seen = [set() for _ in range(trainers)]
     target = COVER * cache_rows
+    lead = max(lead, 0)
     last = min(iterations, MAX_AUTO + 1)  # a window of horizon h reads batches 0 .. h
-    horizon, reason, rows_held, lookups = max(lead, 0), "max", 0, 0
+    per_batch: list[list[np.ndarray]] = [[] for _ in range(trainers)]
+    held_bytes, lookups, check_at = 0, 0, 1
     for i in range(last):
         rows = np.asarray(batches[i])
         if rows.ndim != 2:
-            break  # the planner names the bad batch when it loads it
+            last = i  # the planner names the bad batch when it loads it
+            break
         keys = batch_keys(rows)
         lookups = keys.size // trainers
-        grown = [np.unique(trainer_keys(keys, t, trainers)) for t in range(trainers)]
-        held = sum(len(s) for s in seen) + sum(len(p) for p in grown)  # an upper bound before merging
-        if i > lead and window_bytes(lookups, trainers, i, held) > budget:
-            horizon, reason = i - 1, "memory"
-            break
-        for s, p in zip(seen, grown):
-            s.update(p.tolist())
-        rows_held = sum(len(s) for s in seen)
-        if i >= lead and all(len(s) >= target for s in seen):
-            horizon, reason = i, "cover"
-            break
-    else:
-        horizon = max(lead, last - 1)
-        reason = "iterations" if last == iterations else "max"
-    if reason == "memory" and horizon < lead:
-        horizon = lead
-    return HorizonChoice(horizon, reason, rows_held, window_bytes(lookups, trainers, horizon, rows_held), memory_mb)
+        for t in range(trainers):
+            part = np.unique(trainer_keys(keys, t, trainers))
+            per_batch[t].append(part)
+            held_bytes += part.nbytes
+        read = i + 1
+        if read < check_at and read < last and held_bytes <= budget:
+            continue
+        check_at = 2 * read
+        distinct = _distinct_by_horizon(per_batch)  # [trainers, read]: distinct rows of batches 0..h
+        total = distinct.sum(axis=0)
+        for h in range(lead, read):
+            if window_bytes(lookups, trainers, h, int(total[h])) > budget:
+                h = max(lead, h - 1)
+                return HorizonChoice(h, "memory", int(total[min(h, read - 1)]),
+                                     window_bytes(lookups, trainers, h, int(total[min(h, read - 1)])), memory_mb)
+            if (distinct[:, h] >= target).all():
+                return HorizonChoice(h, "cover", int(total[h]), window_bytes(lookups, trainers, h, int(total[h])),
+                                     memory_mb)
+        if held_bytes > budget:  # a window this long would not fit either
+            h = max(lead, read - 1)
+            held = int(total[min(h, read - 1)])
+            return HorizonChoice(h, "memory", held, window_bytes(lookups, trainers, h, held), memory_mb)
+    if last == 0:
+        return HorizonChoice(lead, "iterations", 0, 0, memory_mb)
+    h = max(lead, last - 1)
+    held = int(_distinct_by_horizon(per_batch).sum(axis=0)[-1])
+    return HorizonChoice(h, "iterations" if last == iterations else "max", held,
+                         window_bytes(lookups, trainers, h, held), memory_mb)
+
+
+def _distinct_by_horizon(per_batch: list[list[np.ndarray]]) -> np.ndarray:
+    """For each trainer and each h, the distinct keys in batches 0..h (int64 [trainers, batches])."""
+    out = []
+    for arrays in per_batch:
+        keys = np.concatenate(arrays)
+        when = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])
+        _, first = np.unique(keys, return_index=True)  # the first occurrence in batch order
+        out.append(np.cumsum(np.bincount(when[first], minlength=len(arrays))))
+    return np.array(out, np.int64)
 
 
 def fixed_horizon(horizon: int, memory_mb: float) -> HorizonChoice:
