@@ -26,8 +26,8 @@ Choosing holds each batch's distinct keys per trainer (8 bytes a key) and sorts 
 batches read, so it costs a few sorts of the window's keys, not a Python set of millions of rows.
 
 What was chosen and why is returned as a ``HorizonChoice``: the oracle logs it
-and reports it (``oracle_horizon`` and ``oracle_window_mb`` in the run's
-oracle stats).
+and reports it (``horizon``, ``horizon_reason``, ``window_mb`` and
+``oracle_memory_mb`` in each trainer's entry of ``oracle_stats.json``).
 """
 
 from __future__ import annotations
