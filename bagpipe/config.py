@@ -103,18 +103,24 @@ class OracleConfig:
     policy: str = "bagpipe"
     cache_rows: int = 100_000  # validated by CacheConfig, the cache that holds the rows
     lead: int = 2
-    horizon: int = 8
+    horizon: int | str = "auto"  # "auto": sized by oracle.horizon within memory_mb; or iterations >= lead
     trainers: int = 1
     batch_size: int = 1  # global
     iterations: int = 0
     max_ahead: int = 16  # credits: plans sent ahead of the slowest trainer
     bind: str = "tcp://127.0.0.1:0"
     recv_timeout_s: float = 120.0  # validated by TrainerConfig (key 'plan_timeout_s')
+    memory_mb: float = 1024.0  # key 'oracle_memory_mb': the budget an automatic horizon's window stays within
 
     def __post_init__(self) -> None:
         _require(self.policy in POLICIES, "policy", f"'{self.policy}' is not one of {', '.join(POLICIES)}")
         _require(self.lead >= 0, "lead", f"must be >= 0, got {self.lead}")
-        _require(self.horizon >= self.lead, "horizon", f"must be >= lead ({self.lead}), got {self.horizon}")
+        _require(self.horizon == "auto" or (isinstance(self.horizon, int) and not isinstance(self.horizon, bool)),
+                 "horizon", f"must be \"auto\" or a number of iterations, got {self.horizon!r}")
+        _require(self.horizon == "auto" or self.horizon >= self.lead, "horizon",
+                 f"must be >= lead ({self.lead}), got {self.horizon}")
+        _require(math.isfinite(self.memory_mb) and self.memory_mb > 0, "oracle_memory_mb",
+                 f"must be a positive number of MB, got {self.memory_mb}")
         _require(self.trainers >= 1, "trainers", f"must be >= 1, got {self.trainers}")
         _require(self.batch_size % self.trainers == 0, "batch_size",
                  f"{self.batch_size} is not divisible by trainers={self.trainers}")
@@ -238,7 +244,8 @@ class RunConfig:
     pooling: tuple[str, ...] = ("sum",)  # how a bag of ids pools: sum or mean; one for all tables, or one each
     cache_rows: int = 100_000
     lead: int = 2
-    horizon: int = 8
+    horizon: int | str = "auto"  # "auto" (oracle.horizon, docs/oracle.md) or iterations of lookahead
+    oracle_memory_mb: float = 1024.0  # what an automatic horizon's window may take in the oracle
     max_ahead: int = 16
     optimizer: str = "adagrad"
     lr: float = 0.05
@@ -346,6 +353,7 @@ class RunConfig:
             trainers=self.trainers, batch_size=self.batch_size,
             iterations=self.iterations if iterations is None else iterations,
             max_ahead=self.max_ahead, bind=self.oracle_bind, recv_timeout_s=self.plan_timeout_s,
+            memory_mb=self.oracle_memory_mb,
         )
 
     def cache_config(self) -> CacheConfig:

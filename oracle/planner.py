@@ -28,6 +28,7 @@ import numpy as np
 
 from bagpipe.wire import Plan
 from oracle import fastplan as fp
+from oracle.horizon import resolve as resolve_horizon
 from oracle.staging import stage_fetches
 from bagpipe.config import capacity_message
 from bagpipe.keys import distinct_rows_per_trainer, source_keys
@@ -275,6 +276,7 @@ class Planner:
 
     def __init__(self, cfg: PlannerConfig, batches: BatchSource, pinned: list[set[int]] | None = None) -> None:
         check_planned(cfg)
+        cfg, self.horizon_choice = resolve_horizon(cfg, batches)
         self.cfg = cfg
         self.batches = batches
         self.n = cfg.trainers

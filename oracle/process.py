@@ -78,6 +78,7 @@ class SegmentedPlans:
         for lo, hi in self.bounds:
             self.offset = lo
             self.planner = Planner(self.cfg.oracle_config(iterations=hi - lo), _Shifted(self.batches, lo, hi))
+            log.info("iterations %d..%d: %s", lo, hi - 1, self.planner.horizon_choice.line())
             for i, plans in self.planner.plans():
                 for p in plans:
                     p.iteration = i + lo
@@ -95,12 +96,18 @@ class SegmentedPlans:
             self.planner.note_writebacks_applied(through_iteration - self.offset)
 
     def _add_stats(self, stats: list) -> None:
+        # What the lookahead took, against its budget (the longest segment's window).
+        choice = self.planner.horizon_choice
+        window = {"horizon": choice.horizon, "horizon_reason": choice.reason,
+                  "window_mb": round(choice.window_bytes / 2**20, 3), "oracle_memory_mb": choice.memory_mb}
         if not self.stats:
-            self.stats = [dict(vars(s)) for s in stats]
+            self.stats = [dict(vars(s), **window) for s in stats]
             return
         for total, s in zip(self.stats, stats):
             for k, v in vars(s).items():
                 total[k] = max(total[k], v) if k.startswith("peak") else total[k] + v
+            if window["window_mb"] >= total["window_mb"]:
+                total.update(window)
 
 
 class OracleServer:

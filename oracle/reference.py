@@ -56,6 +56,7 @@ from bagpipe.config import OracleConfig, capacity_message
 from bagpipe.keys import distinct_rows_per_trainer, source_keys, trainer_keys
 from bagpipe.policies import PLANNED, policy as policy_row
 from bagpipe.wire import Plan
+from oracle.horizon import resolve as resolve_horizon
 from oracle.staging import stage_fetches
 
 log = logging.getLogger("bagpipe")
@@ -174,6 +175,7 @@ class Planner:
 
     def __init__(self, cfg: PlannerConfig, batches: BatchSource, pinned: list[set[int]] | None = None) -> None:
         check_planned(cfg)
+        cfg, self.horizon_choice = resolve_horizon(cfg, batches)
         self.cfg = cfg
         self.batches = batches
         self.n = cfg.trainers

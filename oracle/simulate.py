@@ -79,8 +79,8 @@ def belady_fetches(batches: BatchSource, batch_size: int, trainers: int, capacit
     return out
 
 
-def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: int, lead: int, horizon: int,
-             iterations: int, policies: list[str]) -> dict:
+def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: int, lead: int, horizon: int | str,
+             iterations: int, policies: list[str], memory_mb: float = 1024.0) -> dict:
     report = {}
     for policy in policies:
         t0 = time.perf_counter()
@@ -89,7 +89,8 @@ def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: i
             report[policy] = {"rows_fetched": int(sum(fetched)), "rows_written_back": None,
                               "peak_resident_rows": cache_rows, "seconds": time.perf_counter() - t0}
             continue
-        cfg = PlannerConfig(policy, cache_rows, lead, max(horizon, lead), trainers, batch_size, iterations)
+        cfg = PlannerConfig(policy, cache_rows, lead, horizon if horizon == "auto" else max(horizon, lead),
+                            trainers, batch_size, iterations, memory_mb=memory_mb)
         planner = Planner(cfg, batches)
         for _ in planner.plans():
             pass
@@ -101,6 +102,9 @@ def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: i
             "peak_resident_rows": max(s.peak_resident_rows for s in st),
             "fetches_deferred": sum(s.fetches_deferred for s in st),
             "peak_staged_rows": max(s.peak_staged_rows for s in st),
+            "horizon": planner.cfg.horizon,
+            "horizon_reason": planner.horizon_choice.reason,
+            "window_mb": round(planner.horizon_choice.window_bytes / 2**20, 3),
             "seconds": time.perf_counter() - t0,
         }
     return report
@@ -133,6 +137,15 @@ def write_trace(batches: BatchSource, iterations: int, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _horizon(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be "auto" or a number of iterations, got {text!r}') from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a prepared dataset directory")
@@ -140,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-rows", type=int, required=True)
     parser.add_argument("--trainers", type=int, default=1)
     parser.add_argument("--lead", type=int, default=2)
-    parser.add_argument("--horizon", type=int, default=8)
+    parser.add_argument("--horizon", type=_horizon, default="auto",
+                        help='"auto" (sized to the cache within --oracle-memory-mb) or iterations')
+    parser.add_argument("--oracle-memory-mb", type=float, default=1024.0)
     parser.add_argument("--iterations", type=int, default=0, help="0: one epoch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shuffle", default="true", choices=["true", "false"])
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         write_trace(sparse, iterations, args.trace_out)
     try:
         report = simulate(sparse, args.batch_size, args.cache_rows, args.trainers, args.lead, args.horizon,
-                          iterations, policies)
+                          iterations, policies, args.oracle_memory_mb)
     except (PlanError, ConfigError) as exc:
         print(f"bagpipe simulate: {exc}", file=sys.stderr)
         return 1
@@ -170,5 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for p, r in report.items():
             print(f"{p:<18} fetched {r['rows_fetched']:>10}  written back {r['rows_written_back']}  "
-                  f"peak resident {r['peak_resident_rows']}")
+                  f"peak resident {r['peak_resident_rows']}"
+                  + (f"  horizon {r['horizon']} ({r['horizon_reason']}, window {r['window_mb']} MB)"
+                     if "horizon" in r else ""))
     return 0
