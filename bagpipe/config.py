@@ -77,6 +77,9 @@ class StoreConfig:
     latency_us: float = 0.0  # added to every round trip (a network stand-in)
     bandwidth_gbps: float = 0.0  # 0: unlimited
     seed: int = 0
+    # The password the job itself chose (from its secret, bagpipe.auth), used when the environment
+    # gives none; never part of a saved config.
+    job_password: str = dataclasses.field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _require(self.shards >= 1 or bool(self.cluster_url), "shards", f"must be >= 1, got {self.shards}")
@@ -89,7 +92,7 @@ class StoreConfig:
 
     @property
     def password(self) -> str | None:
-        return os.environ.get(self.password_env) or None
+        return os.environ.get(self.password_env) or self.job_password or None
 
 
 @dataclass(frozen=True)

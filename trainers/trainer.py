@@ -345,8 +345,11 @@ def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, envir
             run.write_agent_pid(comm.rank, io.pid)
         else:
             io = io_cls(store, wait_timeout_s=cfg.plan_timeout_s, **io_kwargs)
-        client = PlanClient(endpoints["oracle"], run.job_id(), comm.rank, cfg.plan_timeout_s, cfg.zmq_curve_dir,
-                            reader.epoch_of)
+        from bagpipe.auth import hello_token, read_secret
+
+        job = run.job_id()
+        client = PlanClient(endpoints["oracle"], job, comm.rank, cfg.plan_timeout_s, cfg.zmq_curve_dir,
+                            reader.epoch_of, hello_token(read_secret(run.secret_path), job, comm.rank))
         emb = CachedEmbeddings(cfg.cache_config(), cfg.rules.bounded, cfg.embedding_dim, device, store, io, client)
     return Trainer(cfg, run, dataset, comm, start, device, model, emb, step_cls, reader, iterations)
 
