@@ -37,6 +37,7 @@ from bagpipe.rundir import RunDir, RunDirError
 from bagpipe.runner.curves import write_curves
 from bagpipe.servers import ServersError
 from bagpipe.store import StoreError
+from bagpipe.tls import TlsError
 
 log = logging.getLogger("bagpipe")
 
@@ -670,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.replace(redis_cluster_url=args.redis_cluster)
         run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         metrics = run_job(cfg, run_dir, resume=args.resume, launch=launch)
-    except (AuthError, ConfigError, JobError, CheckpointError, DatasetError, RendezvousError, RunDirError, ServersError,
+    except (AuthError, TlsError, ConfigError, JobError, CheckpointError, DatasetError, RendezvousError, RunDirError, ServersError,
             StoreError) as exc:
         log.error("%s", exc)
         return 1
