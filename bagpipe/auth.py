@@ -49,6 +49,15 @@ def write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def write_public(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by all and writable by its owner only (or less, as the umask says)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def new_secret() -> bytes:
     return secrets.token_bytes(SECRET_BYTES)
 
@@ -121,7 +130,7 @@ def seal(secret: bytes, name: str, plaintext: bytes) -> bytes:
 def unseal(secret: bytes, name: str, blob: bytes) -> bytes:
     """The plaintext ``seal`` sealed; ``AuthError`` when ``blob`` was not sealed with this secret for ``name``."""
     if len(blob) < NONCE_BYTES + TAG_BYTES:
-        raise AuthError(f"value under '{name}' is too short to be sealed")
+        raise AuthError(f"value under '{name}' does not authenticate (too short to be sealed: a forgery)")
     body, tag = blob[:-TAG_BYTES], blob[-TAG_BYTES:]
     want = hmac.new(derive(secret, "seal-mac"), name.encode() + b"\0" + body, hashlib.sha256).digest()
     if not hmac.compare_digest(want, tag):

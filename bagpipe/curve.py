@@ -19,7 +19,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from bagpipe.auth import write_private, write_secret
+from bagpipe.auth import write_private, write_public, write_secret
 
 # Every message is bounded before ZeroMQ allocates it: the largest plan is a few MB.
 MAX_MESSAGE_BYTES = 256 << 20
@@ -48,10 +48,7 @@ def _write_certificate(path: Path, public: bytes, secret: bytes | None) -> None:
     if secret is not None:
         write_private(path, data)
     else:
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write_public(path, data)
 
 
 def _load(path: Path) -> tuple[bytes, bytes | None]:

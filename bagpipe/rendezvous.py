@@ -67,12 +67,12 @@ class Rendezvous:
     def _value(self, key: str) -> object:
         try:
             return json.loads(unseal(self.secret, key, self.store.get(key)))
+        except AuthError as exc:  # before RuntimeError, which it is
+            raise RendezvousError(f"rendezvous store {self.host}:{self.port}: {exc}; every node must be given the "
+                                  "same --secret-file") from None
         except (RuntimeError, OSError) as exc:
             raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port} (node 0 stopped?): "
                                   f"{str(exc).splitlines()[0]}") from None
-        except AuthError as exc:
-            raise RendezvousError(f"rendezvous store {self.host}:{self.port}: {exc}; every node must be given the "
-                                  "same --secret-file") from None
 
     def get(self, key: str, timeout_s: float | None = None, who: str = "") -> object:
         """Wait for ``key`` (at most ``timeout_s``) and return its value."""

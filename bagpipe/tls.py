@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bagpipe.auth import write_private
+from bagpipe.auth import write_private, write_public
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "redis.crt", "redis.key"
 VALID_DAYS = 825
@@ -62,7 +62,7 @@ def write_certificates(out: Path, hosts: list[str]) -> None:
                   "-out", str(t / SERVER_CERT)])
         # The CA's key is not kept: no one can sign another certificate this job's clients trust.
         for name in (CA_CERT, SERVER_CERT):
-            shutil.copyfile(t / name, out / name)
+            write_public(out / name, (t / name).read_bytes())
 
 
 def _is_ip(host: str) -> bool:

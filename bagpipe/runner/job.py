@@ -324,7 +324,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         run.write_endpoints(endpoints)
         # 4. torchrun for this node's trainers.
         master_port = launch.master_port or free_port(launch.master_addr)
-        trainer_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launch.nnodes),
+        trainer_cmd = [sys.executable, "-m", "bagpipe.runner.torchrun", "--nnodes", str(launch.nnodes),
                        "--node-rank", str(launch.node_rank), "--nproc-per-node", str(nproc),
                        "--master-addr", launch.master_addr, "--master-port", str(master_port),
                        "--module", "trainers.trainer", "--run-dir", str(run_dir), "--first-iteration", str(start)]
@@ -658,7 +658,13 @@ def main(argv: list[str] | None = None) -> int:
                               rendezvous_port=args.rdzv_port, host=args.host,
                               shards_per_node=args.shards_per_node, join_timeout_s=args.join_timeout,
                               redis_urls=tuple(args.redis), secret_file=args.secret_file)
-        if args.resume:
+        if launch.node_rank > 0 and (args.set or args.config):
+            # Node 0 decides the job and hands its config to every node: a key given here would be
+            # ignored, so it is refused rather than silently dropped.
+            given = "--set " + " ".join(args.set) if args.set else "--config"
+            raise ConfigError(f"{given} on node {launch.node_rank}: only node 0 takes a config and overrides; "
+                              "every other node runs the config node 0 publishes (give them there)")
+        if args.resume and launch.node_rank == 0:
             if args.run_dir is None or not RunDir(args.run_dir).has_config():
                 raise JobError("--resume needs the --run-dir of an earlier run (with its config.json)")
             saved = RunDir(args.run_dir).read_config()
