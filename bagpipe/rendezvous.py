@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from datetime import timedelta
 
 from torch.distributed import TCPStore
 
 from bagpipe.auth import AuthError, unseal, seal
+
+
+# Every operation after the first connection: node 0 answers in milliseconds, so a store silent
+# this long is behind a cut link (or stopped), and the node says so instead of waiting.
+OPERATION_TIMEOUT_S = 10.0
 
 
 class RendezvousError(RuntimeError):
@@ -60,18 +66,47 @@ class Rendezvous:
             what = "bind" if is_master else "reach"
             raise RendezvousError(f"cannot {what} the rendezvous store at {host}:{port} within "
                                   f"{timeout_s:g}s: {str(exc).splitlines()[0]}") from None
+        self.store.set_timeout(timedelta(seconds=min(timeout_s, OPERATION_TIMEOUT_S)))
+        self.op_timeout_s = min(timeout_s, OPERATION_TIMEOUT_S)
+
+    def _bounded(self, op, *args):
+        """``op(*args)`` on the store, given up after ``op_timeout_s``: a TCPStore client whose server
+        went silent retries past its own timeout, so the wait is bounded here (the call runs in a
+        daemon thread; the store's calls release the GIL)."""
+        result: list = []
+
+        def call() -> None:
+            try:
+                result.append((True, op(*args)))
+            except BaseException as exc:  # handed to the caller
+                result.append((False, exc))
+
+        worker = threading.Thread(target=call, daemon=True, name="rendezvous-op")
+        worker.start()
+        worker.join(self.op_timeout_s)
+        if not result:
+            raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port}: no answer within "
+                                  f"{self.op_timeout_s:g}s (node 0 stopped, or the link to it is cut)")
+        ok, value = result[0]
+        if not ok:
+            raise value
+        return value
 
     def publish(self, key: str, value: object) -> None:
-        self.store.set(key, seal(self.secret, key, json.dumps(value).encode()))
+        try:
+            self._bounded(self.store.set, key, seal(self.secret, key, json.dumps(value).encode()))
+        except (RuntimeError, OSError) as exc:
+            raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port} (node 0 stopped, or the "
+                                  f"link to it is cut): {str(exc).splitlines()[0]}") from None
 
     def _value(self, key: str) -> object:
         try:
-            return json.loads(unseal(self.secret, key, self.store.get(key)))
+            return json.loads(unseal(self.secret, key, self._bounded(self.store.get, key)))
         except AuthError as exc:  # before RuntimeError, which it is
             raise RendezvousError(f"rendezvous store {self.host}:{self.port}: {exc}; every node must be given the "
                                   "same --secret-file") from None
         except (RuntimeError, OSError) as exc:
-            raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port} (node 0 stopped?): "
+            raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port} (node 0 stopped, or the link to it is cut): "
                                   f"{str(exc).splitlines()[0]}") from None
 
     def get(self, key: str, timeout_s: float | None = None, who: str = "") -> object:
@@ -87,9 +122,9 @@ class Rendezvous:
 
     def _check(self, key: str) -> bool:
         try:
-            return self.store.check([key])
+            return self._bounded(self.store.check, [key])
         except (RuntimeError, OSError) as exc:  # DistNetworkError and kin: node 0 went away
-            raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port} (node 0 stopped?): "
+            raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port} (node 0 stopped, or the link to it is cut): "
                                   f"{str(exc).splitlines()[0]}") from None
 
     def poll(self, key: str) -> object | None:

@@ -300,3 +300,38 @@ def test_several_nodes_need_a_shared_secret_file():
 
     with pytest.raises(ConfigError, match="--secret-file .* is required with several nodes.*bagpipe keys"):
         LaunchConfig(nnodes=2, node_rank=1, nproc_per_node=1, master_port=29999)
+
+
+MASTER = """
+import sys, time
+from bagpipe.rendezvous import Rendezvous
+r = Rendezvous("127.0.0.1", int(sys.argv[1]), True, 30.0, bytes.fromhex(sys.argv[2]))
+r.publish("job", {"ok": 1})
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_node_whose_master_goes_silent_stops_naming_it(tmp_path):
+    """Finding 13: node 0 behind a cut link (here: frozen with SIGSTOP, so TCP stays up and nothing
+    answers) is reported within the rendezvous's operation timeout, naming host:port."""
+    import signal
+
+    from bagpipe.rendezvous import OPERATION_TIMEOUT_S
+
+    secret = write_secret(tmp_path / "secret")
+    port = free_port("127.0.0.1")
+    master = subprocess.Popen([sys.executable, "-c", MASTER, str(port), secret.hex()], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert master.stdout.readline().strip() == "ready"
+        node1 = Rendezvous("127.0.0.1", port, False, 120.0, secret)  # the join timeout is long
+        assert node1.get("job") == {"ok": 1}
+        os.kill(master.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(RendezvousError, match=f"lost the rendezvous store at 127.0.0.1:{port}"):
+            node1.poll("finished")
+        assert time.monotonic() - started < OPERATION_TIMEOUT_S + 5
+    finally:
+        os.kill(master.pid, signal.SIGKILL)
+        master.wait()

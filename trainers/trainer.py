@@ -387,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # nccl's communicators and barriers use the current device
     if world > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        # A peer across a cut link fails the collective within the plan timeout, not gloo's 30 minutes.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=cfg.plan_timeout_s))
     comm = DistCommunicator() if world > 1 else SoloCommunicator()
     trainer = None
     try:

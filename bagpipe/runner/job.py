@@ -338,7 +338,10 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             _watch(children, run, quiet, lambda: _other_node_failed(rdzv, launch), wait_elsewhere_s=0.0 if single
                    else ELSEWHERE_WAIT_S)
         except JobError as exc:
-            rdzv.publish(f"failed/{launch.node_rank}", str(exc))  # whole: the other nodes quote it
+            try:
+                rdzv.publish(f"failed/{launch.node_rank}", str(exc))  # whole: the other nodes quote it
+            except RendezvousError:
+                pass  # node 0 is out of reach: this node's own reason is the one to give
             raise
         # 5. Results: every node hands its ranks' figures to node 0; shards stay up until node 0 is done.
         mine = run.rank_results()
