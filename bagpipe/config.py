@@ -78,6 +78,11 @@ class StoreConfig:
     latency_us: float = 0.0  # added to every round trip (a network stand-in)
     bandwidth_gbps: float = 0.0  # 0: unlimited
     seed: int = 0
+    # The password the job itself chose (from its secret, bagpipe.auth), used when the environment
+    # gives none; never part of a saved config.
+    job_password: str = dataclasses.field(default="", repr=False, compare=False)
+    tls_dir: str = ""  # ca.crt, redis.crt, redis.key (bagpipe keys --tls-host): shards serve TLS only
+    allow_no_password: bool = False  # bind a non-loopback address with no password (anyone there reads the rows)
 
     def __post_init__(self) -> None:
         _require(self.shards >= 1 or bool(self.cluster_url), "shards", f"must be >= 1, got {self.shards}")
@@ -90,7 +95,7 @@ class StoreConfig:
 
     @property
     def password(self) -> str | None:
-        return os.environ.get(self.password_env) or None
+        return os.environ.get(self.password_env) or self.job_password or None
 
 
 @dataclass(frozen=True)
@@ -270,6 +275,8 @@ class RunConfig:
     redis_timeout_s: float = 5.0
     redis_persistence: str = "off"
     redis_appendfsync: str = "everysec"
+    redis_tls_dir: str = ""  # TLS for the shards and their clients (bagpipe.tls); empty: plain TCP
+    redis_allow_no_password: bool = False  # say so to bind a non-loopback address without a password
     store_latency_us: float = 0.0
     store_bandwidth_gbps: float = 0.0
     oracle_bind: str = "tcp://127.0.0.1:0"
@@ -286,6 +293,8 @@ class RunConfig:
         # The seed orders the data, draws the dense weights and keys every row's initial value
         # (a uint64 hash): one non-negative 64-bit integer for all three.
         _require(0 <= self.seed <= INT64_MAX, "seed", f"must be in [0, {INT64_MAX}], got {self.seed}")
+        _require(not (self.redis_cluster and self.redis_tls_dir), "redis_tls_dir",
+                 "TLS is for sharded servers; a Redis Cluster the job starts runs without it")
         _require(not self.redis_cluster or self.shards >= 3, "shards",
                  f"a Redis Cluster (redis_cluster = true) needs at least 3 masters, got {self.shards}")
         self.oracle_config()
@@ -343,7 +352,8 @@ class RunConfig:
             urls=tuple(self.redis_urls), cluster_url=cluster_url or self.redis_cluster_url,
             timeout_s=self.redis_timeout_s, persistence=self.redis_persistence,
             appendfsync=self.redis_appendfsync, latency_us=self.store_latency_us,
-            bandwidth_gbps=self.store_bandwidth_gbps, seed=self.seed,
+            bandwidth_gbps=self.store_bandwidth_gbps, seed=self.seed, tls_dir=self.redis_tls_dir,
+            allow_no_password=self.redis_allow_no_password,
         )
 
     def oracle_config(self, iterations: int | None = None) -> OracleConfig:

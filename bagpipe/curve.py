@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+
+from bagpipe.auth import write_private, write_public, write_secret
 
 # Every message is bounded before ZeroMQ allocates it: the largest plan is a few MB.
 MAX_MESSAGE_BYTES = 256 << 20
@@ -27,10 +30,25 @@ class CurveError(RuntimeError):
 
 
 def write_keys(out: Path) -> None:
+    """An oracle and a trainer key pair in ZeroMQ's certificate format; the secret files are created
+    owner-only with that mode from the start (never world-readable, not even for a moment)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("oracle", "trainer"):
-        zmq.auth.create_certificates(str(out), name)
-        os.chmod(out / f"{name}.key_secret", 0o600)
+        public, secret = zmq.curve_keypair()
+        _write_certificate(out / f"{name}.key", public, None)
+        _write_certificate(out / f"{name}.key_secret", public, secret)
+
+
+def _write_certificate(path: Path, public: bytes, secret: bytes | None) -> None:
+    lines = ["#   ZeroMQ CURVE " + ("**Secret** " if secret else "Public ") + "Certificate (bagpipe keys)",
+             "", "metadata", "curve", f'    public-key = "{public.decode()}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    data = ("\n".join(lines) + "\n").encode()
+    if secret is not None:
+        write_private(path, data)
+    else:
+        write_public(path, data)
 
 
 def _load(path: Path) -> tuple[bytes, bytes | None]:
@@ -78,10 +96,23 @@ def secure_client(sock: zmq.Socket, curve_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bagpipe keys", description="write CURVE key pairs for the plan stream")
+    parser = argparse.ArgumentParser(prog="bagpipe keys", description="write the keys a job across hosts needs: "
+                                     "CURVE key pairs for the plan stream, a job secret, TLS certificates")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tls-host", action="extend", nargs="+", default=[], metavar="HOST",
+                        help="also write a CA and a redis-server certificate valid for these addresses (and loopback)")
     args = parser.parse_args(argv)
     write_keys(args.out)
-    print(f"wrote oracle and trainer key pairs to {args.out}; set zmq_curve_dir = \"{args.out}\" "
-          "and copy the directory to every node")
+    write_secret(args.out / "job.secret")
+    print(f"wrote oracle and trainer key pairs and job.secret to {args.out}; set zmq_curve_dir = \"{args.out}\", "
+          "give every node --secret-file DIR/job.secret, and copy the directory to every node (owner-only)")
+    if args.tls_host:
+        from bagpipe.tls import TlsError, write_certificates
+
+        try:
+            write_certificates(args.out, args.tls_host)
+        except TlsError as exc:
+            print(f"bagpipe keys: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote ca.crt, redis.crt and redis.key to {args.out}; set redis_tls_dir = \"{args.out}\"")
     return 0

@@ -8,6 +8,7 @@ reader never sees half a file, and a crash leaves the previous one.
 
     config.json       the job's RunConfig (node 0 writes it; every process reads it)
     job_id            a fresh id per launch; every wire message names it
+    secret            the job's secret (owner-only; bagpipe.auth): shard password, hello tokens, rendezvous seals
     endpoints.json    where the embedding servers and the oracle listen
     pids.json         every process this node started, by name
     placement.json    the cores of each local trainer and of the other processes (bagpipe.placement)
@@ -135,6 +136,10 @@ class RunDir:
     @property
     def config_path(self) -> Path:
         return self.path / "config.json"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.path / "secret"
 
     @property
     def model_path(self) -> Path:

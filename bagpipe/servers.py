@@ -34,9 +34,11 @@ import time
 from pathlib import Path
 import redis
 
+from bagpipe.auth import write_private
 from bagpipe.config import ConfigError, StoreConfig
 from bagpipe.log import init_logger
 from bagpipe.procs import child_setup, free_ports
+from bagpipe.tls import TlsError, tls_files
 
 log = logging.getLogger("bagpipe.servers")
 
@@ -119,7 +121,8 @@ class _RedisProcesses:
     @property
     def urls(self) -> list[str]:
         """``redis://host:port/0`` per server; never with the password in it."""
-        return [f"redis://{url_host(self.host)}:{p}/0" for p in self.ports]
+        scheme = "rediss" if self.cfg.tls_dir else "redis"
+        return [f"{scheme}://{url_host(self.host)}:{p}/0" for p in self.ports]
 
     @property
     def pids(self) -> list[int]:
@@ -132,6 +135,10 @@ class _RedisProcesses:
         binary = redis_server_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not is_loopback(self.host) and not self.cfg.password:
+            if not self.cfg.allow_no_password:
+                raise ServersError(f"refusing to bind redis-server to {self.host} without a password: anyone on that "
+                                   f"network could read and write the embeddings (set ${self.cfg.password_env}, or "
+                                   "config key 'redis_allow_no_password = true' / --allow-no-password to accept it)")
             log.warning("redis-server bound to %s without a password: anyone on that network can read and "
                         "write the embeddings (set $%s)", self.host, self.cfg.password_env)
         try:
@@ -220,7 +227,7 @@ class _RedisProcesses:
         d = self._shard_dir(i)
         lines = [
             f"bind {self.host}",
-            f"port {self.ports[i]}",
+            *self._port_lines(i),
             f"dir {_conf_string(str(d.resolve()))}",
             "daemonize no",
             'save ""',  # no RDB snapshots: durability, when wanted, comes from the AOF
@@ -242,16 +249,29 @@ class _RedisProcesses:
             lines.append("protected-mode no")
         return lines
 
+    def _tls_files(self) -> dict[str, Path]:
+        try:
+            return tls_files(self.cfg.tls_dir)
+        except TlsError as exc:
+            raise ServersError(str(exc)) from None
+
+    def _port_lines(self, i: int) -> list[str]:
+        if not self.cfg.tls_dir:
+            return [f"port {self.ports[i]}"]
+        files = self._tls_files()
+        # TLS only: the plain port is off, so nothing travels in the clear.
+        return ["port 0", f"tls-port {self.ports[i]}", f"tls-cert-file {_conf_string(str(files['cert'].resolve()))}",
+                f"tls-key-file {_conf_string(str(files['key'].resolve()))}",
+                f"tls-ca-cert-file {_conf_string(str(files['ca'].resolve()))}",
+                "tls-auth-clients no"]  # clients prove themselves with the password
+
     def _launch(self, binary: str, i: int) -> subprocess.Popen:
         d = self._shard_dir(i)
         d.mkdir(parents=True, exist_ok=True)
         conf = d / "redis.conf"
         text = "\n".join(self._conf_lines(i)) + "\n"
         # Created 0600 before anything is written: the file may hold the password.
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write_private(conf, text.encode())
         log_file = open(d / "redis.log", "ab")
         try:
             return subprocess.Popen([binary, str(conf)], stdin=subprocess.DEVNULL, stdout=log_file,
@@ -263,7 +283,8 @@ class _RedisProcesses:
             log_file.close()
 
     def _client(self, i: int, timeout: float) -> redis.Redis:
-        return redis.Redis(host=self.host, port=self.ports[i], password=self.cfg.password,
+        tls = dict(ssl=True, ssl_ca_certs=str(self._tls_files()["ca"])) if self.cfg.tls_dir else {}
+        return redis.Redis(host=self.host, port=self.ports[i], password=self.cfg.password, **tls,
                            socket_timeout=timeout, socket_connect_timeout=timeout,
                            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
 
@@ -429,6 +450,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--password-env", default="BAGPIPE_REDIS_PASSWORD",
                    help="environment variable holding the password (unset: no password)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds for socket operations")
+    p.add_argument("--tls-dir", default="", help="serve TLS only, with DIR's certificates (bagpipe keys --tls-host)")
+    p.add_argument("--allow-no-password", action="store_true",
+                   help="bind a non-loopback --host even with no password (anyone there can read the rows)")
     return p.parse_args(argv)
 
 
@@ -439,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = StoreConfig(shards=args.shards, host=args.host, base_port=args.base_port,
                           persistence=args.persistence, appendfsync=args.appendfsync,
-                          password_env=args.password_env, timeout_s=args.timeout)
+                          password_env=args.password_env, timeout_s=args.timeout, tls_dir=args.tls_dir,
+                          allow_no_password=args.allow_no_password)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

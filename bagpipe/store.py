@@ -260,6 +260,20 @@ class EmbeddingStore:
         t = self.cfg.timeout_s
         return dict(socket_timeout=t, socket_connect_timeout=t, socket_keepalive=True)
 
+    def _tls_kwargs(self, scheme: str) -> dict:
+        """rediss:// is TLS; with config key 'redis_tls_dir' the server must show a certificate its CA signed."""
+        if scheme != "rediss":
+            return {}
+        if not self.cfg.tls_dir:
+            return dict(ssl=True)
+        from bagpipe.tls import TlsError, tls_files
+
+        try:
+            ca = tls_files(self.cfg.tls_dir)["ca"]
+        except TlsError as exc:
+            raise StoreError(str(exc)) from None
+        return dict(ssl=True, ssl_ca_certs=str(ca), ssl_cert_reqs="required")
+
     def _open_shard(self, i: int, url: str) -> _Target:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
@@ -274,7 +288,7 @@ class EmbeddingStore:
             self._password = password  # scrubbed from any message
         client = redis.Redis(host=parts.hostname, port=port, db=db, password=password,
                              username=unquote(parts.username) if parts.username else None,
-                             ssl=parts.scheme == "rediss",
+                             **self._tls_kwargs(parts.scheme),
                              # No silent retries: a dead shard must fail within timeout_s.
                              retry=Retry(NoBackoff(), 0), **self._client_kwargs())
         return _Target(f"shard {i} at {parts.hostname}:{port}", client, i)
@@ -289,7 +303,7 @@ class EmbeddingStore:
                 self._cluster = redis.RedisCluster(
                     host=host, port=port, password=self._password,
                     username=unquote(parts.username) if parts.username else None,
-                    ssl=parts.scheme == "rediss", retry=Retry(NoBackoff(), 1), **self._client_kwargs())
+                    **self._tls_kwargs(parts.scheme), retry=Retry(NoBackoff(), 1), **self._client_kwargs())
         except redis.exceptions.RedisClusterException as exc:
             raise StoreError(f"cannot reach the Redis Cluster at {host}:{port}: "
                              f"{_scrub(str(exc), self._password)}") from None

@@ -18,6 +18,9 @@ import numpy as np
 
 PROTOCOL_VERSION = 2  # 2: plans staged ahead (no cancel_ids), epoch checked
 MAX_HEADER_BYTES = 64 * 1024
+# The largest message a trainer sends the oracle (control messages only: a header, no arrays);
+# the oracle's socket refuses anything bigger before reading it (ZMQ_MAXMSGSIZE).
+MAX_CONTROL_BYTES = MAX_HEADER_BYTES + 64
 MAX_ARRAY_BYTES = 1 << 31
 
 KIND_HELLO = b"H"  # trainer -> oracle: rank, job id
@@ -167,9 +170,11 @@ def decode_plan(frames: list, job: str, rank: int, iteration: int, epoch: int = 
 # ------------------------------------------------------------ control messages
 @dataclass(frozen=True)
 class Hello:
-    """Trainer -> oracle, once: this connection carries ``rank``'s plans."""
+    """Trainer -> oracle, once: this connection carries ``rank``'s plans. ``token`` proves the job's
+    secret for this job and rank (``bagpipe.auth.hello_token``); the oracle ignores a hello without it."""
 
     rank: int
+    token: str = ""
 
 
 @dataclass(frozen=True)

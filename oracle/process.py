@@ -22,12 +22,15 @@ from bagpipe.rundir import RunDir
 from bagpipe.curve import ServerSecurity
 from bagpipe.faults import Fault
 from bagpipe.log import init_logger
-from bagpipe.wire import Control, Credit, End, Error, Hello, WireError, decode_control, encode_control, encode_plan
+from bagpipe.auth import AuthError, hello_valid, read_secret
+from bagpipe.wire import (MAX_CONTROL_BYTES, Control, Credit, End, Error, Hello, WireError, decode_control,
+                         encode_control, encode_plan)
 import numpy as np
 
 from oracle.planner import BatchSource, Planner, PlanError
 
 log = logging.getLogger("bagpipe")
+DROP_LOG_LIMIT = 10  # dropped messages logged one by one; the rest only counted
 
 
 class OracleError(RuntimeError):
@@ -114,13 +117,17 @@ class OracleServer:
     """Streams a planner's plans to N trainers with credit-based flow control."""
 
     def __init__(self, planner: SegmentedPlans, job: str, endpoint: str, trainers: int, max_ahead: int,
-                 timeout_s: float, curve_dir: str = "") -> None:
+                 timeout_s: float, curve_dir: str = "", secret: bytes | None = None) -> None:
         self.planner, self.job, self.trainers = planner, job, trainers
+        self.secret = secret  # None: any hello is taken (tests of the planner alone)
+        self.dropped = 0  # messages that did not decode or authenticate, ignored
         self.max_ahead, self.timeout_s = max_ahead, timeout_s
         self.ctx = zmq.Context()
         self.security = ServerSecurity(self.ctx, curve_dir)
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.security.apply(self.sock)
+        # Trainers send only control messages: anything bigger is refused by ZeroMQ before it is read.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
@@ -135,16 +142,46 @@ class OracleServer:
         self.written_through = [planner.start - 1] * trainers  # each trainer's landed write-backs
 
     def _recv(self, timeout_s: float) -> tuple[bytes, Control] | None:
-        if not self.sock.poll(int(timeout_s * 1000)):
+        """The next message that decodes and authenticates, or None after ``timeout_s``. Any other
+        message is dropped and counted: a stranger's bytes never stop the job nor extend a wait."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if not self.sock.poll(int(left * 1000)):
+                return None
+            frames = self.sock.recv_multipart(copy=True)
+            ident, frames = frames[0], frames[1:]
+            try:
+                msg = decode_control(frames, self.job)
+            except WireError as exc:
+                self._drop(f"does not decode: {exc}")
+                continue
+            why = self._unauthentic(ident, msg)
+            if why is None:
+                return ident, msg
+            self._drop(why)
+
+    def _unauthentic(self, ident: bytes, msg: Control) -> str | None:
+        """Why ``msg`` is not taken (None: it is): a hello must prove the secret for its rank; anything
+        else must come over the connection that rank's hello opened."""
+        rank = msg.rank
+        if not 0 <= rank < self.trainers:
+            return f"names rank {rank}, not one of the {self.trainers} trainers"
+        if isinstance(msg, Hello):
+            if self.secret is not None and not hello_valid(self.secret, self.job, rank, msg.token):
+                return f"is a hello for rank {rank} without this job's token"
             return None
-        frames = self.sock.recv_multipart(copy=True)
-        ident, frames = frames[0], frames[1:]
-        return ident, decode_control(frames, self.job)
+        if self.identity.get(rank) != ident:
+            return f"is a {type(msg).__name__} for rank {rank} from a connection that is not rank {rank}'s"
+        return None
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        if self.dropped <= DROP_LOG_LIMIT:
+            log.warning("dropped a message to %s that %s", self.endpoint, why)
 
     def _handle(self, ident: bytes, msg: Control) -> None:
         rank = msg.rank
-        if not 0 <= rank < self.trainers:
-            raise OracleError(f"message from unknown rank {rank!r}")
         if isinstance(msg, Hello):
             self.identity[rank] = ident
         elif isinstance(msg, Credit):
@@ -179,8 +216,8 @@ class OracleServer:
                 self._handle(*msg)
             for t, plan in enumerate(plans):
                 self._send_plan(i, t, encode_plan(plan, self.job, self.planner.epoch_of(i)))
-            while self.sock.poll(0):
-                self._handle(*self._recv(0))
+            while (msg := self._recv(0)) is not None:
+                self._handle(*msg)
         for t in range(self.trainers):
             self._send(t, encode_control(End(rank=t), self.job))
         last = self.planner.iterations - 1
@@ -223,6 +260,8 @@ class OracleServer:
             raise OracleError(f"trainer {rank} is gone (its connection to {self.endpoint} closed: {exc})") from None
 
     def close(self, error: str | None = None) -> None:
+        if self.dropped:
+            log.warning("dropped %d message(s) that did not decode or authenticate", self.dropped)
         if error and self.identity:
             for t, ident in self.identity.items():
                 try:
@@ -245,12 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(args.run_dir)
     cfg = RunConfig.from_dict(run.read_config())
     job = run.job_id()
+    try:
+        secret = read_secret(run.secret_path)
+    except AuthError as exc:
+        log.error("%s", exc)
+        return 1
 
     sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
     iterations = cfg.iterations or len(sparse)
     stream = SegmentedPlans(cfg, sparse, iterations, start=args.first_iteration)
     server = OracleServer(stream, job, args.endpoint, cfg.trainers, cfg.max_ahead, cfg.plan_timeout_s,
-                          cfg.zmq_curve_dir)
+                          cfg.zmq_curve_dir, secret)
     error = None
     try:
         server.serve()

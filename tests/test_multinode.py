@@ -99,10 +99,18 @@ def hosts():
 
 
 def test_multinode_job_over_three_hosts_equals_one_host(hosts, small_criteo, tmp_path):
-    overrides = ["batch_size=256", "iterations=16", "cache_rows=3000", "lead=2", "horizon=6", "eval_batches=2"]
+    # As docs/multinode.md says: one `bagpipe keys` directory copied to every host (here one
+    # filesystem), the shards' password in the environment of the shards and of node 0, the store
+    # over TLS (issue 17 item 6).
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "bagpipe", "keys", "--out", str(keys), "--tls-host", hosts.addrs[2]],
+                   check=True, cwd=REPO, capture_output=True, timeout=60)
+    secret_env = {"BAGPIPE_REDIS_PASSWORD": "shard-password-between-hosts", "BAGPIPE_SECRET_FILE": str(keys / "job.secret")}
+    overrides = ["batch_size=256", "iterations=16", "cache_rows=3000", "lead=2", "horizon=6", "eval_batches=2",
+                 f"redis_tls_dir={keys}"]
     servers = hosts.popen(2, [sys.executable, "-m", "bagpipe", "servers", "--shards", "2", "--host",
-                              hosts.addrs[2], "--dir", str(tmp_path / "shards")], dict(os.environ),
-                          tmp_path / "servers.log")
+                              hosts.addrs[2], "--dir", str(tmp_path / "shards"), "--tls-dir", str(keys)],
+                          dict(os.environ, **secret_env), tmp_path / "servers.log")
     nodes: list[subprocess.Popen] = []
     try:
         deadline = time.monotonic() + 60
@@ -114,7 +122,7 @@ def test_multinode_job_over_three_hosts_equals_one_host(hosts, small_criteo, tmp
             urls = next((json.loads(ln)["urls"] for ln in lines if ln.startswith("{")), [])
             time.sleep(0.2)
         for rank in (0, 1):
-            env = dict(os.environ, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
+            env = dict(os.environ, **secret_env, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
                        MASTER_ADDR=hosts.addrs[0], MASTER_PORT="29611", BAGPIPE_HOST=hosts.addrs[rank],
                        GLOO_SOCKET_IFNAME=hosts.ifaces[rank], DATA_DIR=str(small_criteo),
                        RUN_DIR=str(tmp_path / f"node{rank}"), BAGPIPE_JOIN_TIMEOUT="60")
@@ -134,9 +142,14 @@ def test_multinode_job_over_three_hosts_equals_one_host(hosts, small_criteo, tmp
         _stop(servers)
     metrics = json.loads((tmp_path / "node0" / "metrics.json").read_text())
     assert metrics["iterations"] == 16 and metrics["rows_fetched"] > 0
+    assert all(u.startswith("rediss://") for u in urls)
+    for rank in (0, 1):  # the password reached no file of either node
+        for path in (tmp_path / f"node{rank}").rglob("*"):
+            if path.is_file():
+                assert b"shard-password-between-hosts" not in path.read_bytes(), path
     # Each node ran one trainer: rank 1 lived on host B.
     assert (tmp_path / "node1" / "rank1.json").exists() and not (tmp_path / "node0" / "rank1.json").exists()
-    cfg = RunConfig.load(REPO / "configs" / "default.toml", [f"data={small_criteo}", *overrides])
+    cfg = RunConfig.load(REPO / "configs" / "default.toml", [f"data={small_criteo}", *overrides[:-1]])
     run_job(cfg.replace(trainers=2), tmp_path / "single", quiet=True)
     cmp = compare_models(load_model(tmp_path / "single"), load_model(tmp_path / "node0"))
     assert cmp.rows > 0

@@ -57,7 +57,7 @@ def test_wrong_iteration_rank_or_job_is_refused():
     assert decode_plan(later, "job", rank=1, iteration=3, epoch=2).iteration == 3
 
 
-@pytest.mark.parametrize("msg", [Hello(rank=1), Credit(rank=2, iteration=5, written_through=3), End(rank=0),
+@pytest.mark.parametrize("msg", [Hello(rank=1, token="ab" * 32), Credit(rank=2, iteration=5, written_through=3), End(rank=0),
                                  Error(rank=1, message="disk full")])
 def test_control_messages_round_trip_typed(msg):
     frames = [bytes(f) for f in encode_control(msg, "j")]

@@ -19,7 +19,7 @@ class PlanClient:
     """A DEALER connected to the oracle's ROUTER: HELLO once, then one plan in and one credit out per iteration."""
 
     def __init__(self, endpoint: str, job: str, rank: int, timeout_s: float, curve_dir: str,
-                 epoch_of: Callable[[int], int]) -> None:
+                 epoch_of: Callable[[int], int], token: str = "") -> None:
         self.endpoint, self.job, self.rank, self.timeout_s = endpoint, job, rank, timeout_s
         self.epoch_of = epoch_of  # iteration -> the epoch its plan must name
         self.ctx = zmq.Context()
@@ -27,7 +27,7 @@ class PlanClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         secure_client(self.sock, curve_dir)
         self.sock.connect(endpoint)
-        self.sock.send_multipart(encode_control(Hello(rank=rank), job))
+        self.sock.send_multipart(encode_control(Hello(rank=rank, token=token), job))
 
     def next_plan(self, iteration: int) -> Plan:
         if not self.sock.poll(int(self.timeout_s * 1000)):

@@ -348,8 +348,11 @@ def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, envir
             run.write_agent_pid(comm.rank, io.pid)
         else:
             io = io_cls(store, wait_timeout_s=cfg.plan_timeout_s, **io_kwargs)
-        client = PlanClient(endpoints["oracle"], run.job_id(), comm.rank, cfg.plan_timeout_s, cfg.zmq_curve_dir,
-                            reader.epoch_of)
+        from bagpipe.auth import hello_token, read_secret
+
+        job = run.job_id()
+        client = PlanClient(endpoints["oracle"], job, comm.rank, cfg.plan_timeout_s, cfg.zmq_curve_dir,
+                            reader.epoch_of, hello_token(read_secret(run.secret_path), job, comm.rank))
         emb = CachedEmbeddings(cfg.cache_config(), cfg.rules.bounded, cfg.embedding_dim, device, store, io, client)
     return Trainer(cfg, run, dataset, comm, start, device, model, emb, step_cls, reader, iterations)
 
@@ -387,7 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # nccl's communicators and barriers use the current device
     if world > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        # A peer across a cut link fails the collective within the plan timeout, not gloo's 30 minutes.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=cfg.plan_timeout_s))
     comm = DistCommunicator() if world > 1 else SoloCommunicator()
     trainer = None
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bagpipe.auth import AuthError, read_secret, redis_password, split_url_password, write_secret
 from bagpipe.checkpoint import CheckpointError
 from bagpipe.config import ConfigError, RunConfig, add_set_argument, capacity_message
 from bagpipe.dataset import Dataset, DatasetError
@@ -36,6 +37,7 @@ from bagpipe.rundir import RunDir, RunDirError
 from bagpipe.runner.curves import write_curves
 from bagpipe.servers import ServersError
 from bagpipe.store import StoreError
+from bagpipe.tls import TlsError
 
 log = logging.getLogger("bagpipe")
 
@@ -70,10 +72,11 @@ def _stop(children: list[Child], timeout_s: float = 10.0) -> None:
             c.proc.wait()
 
 
-def _spawn(name: str, cmd: list[str], log_path: Path, cpus: set[int] | None = None) -> Child:
+def _spawn(name: str, cmd: list[str], log_path: Path, cpus: set[int] | None = None,
+           env: dict[str, str] | None = None) -> Child:
     out = open(log_path, "ab")
     # A new session per child, so stopping it reaches its own children (torchrun's ranks).
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=child_setup(cpus=cpus))
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=child_setup(cpus=cpus), env=env)
     out.close()
     return Child(name, proc)
 
@@ -163,12 +166,14 @@ def _check_data(cfg: RunConfig) -> int:
     return iterations
 
 
-def _fill_store(cfg: RunConfig, urls: list[str], run: RunDir, start: int, cluster_url: str | None) -> None:
+def _fill_store(cfg: RunConfig, urls: list[str], run: RunDir, start: int, cluster_url: str | None,
+                password: str) -> None:
     """A fresh job starts from an empty store; a resumed one from its checkpoint's rows."""
     from bagpipe.checkpoint import Checkpoints, read_rows
     from bagpipe.store import EmbeddingStore
 
-    store = EmbeddingStore(cfg.store_config(cluster_url), urls, cfg.embedding_dim, cfg.state_width, [1])
+    store_cfg = dataclasses.replace(cfg.store_config(cluster_url), job_password=password)
+    store = EmbeddingStore(store_cfg, urls, cfg.embedding_dim, cfg.state_width, [1])
     try:
         store.flush_all()
         if start > 0:
@@ -205,6 +210,7 @@ class LaunchConfig:
     shards_per_node: int = -1  # -1: the config's 'shards' on node 0 unless redis_urls are given
     redis_urls: tuple[str, ...] = ()
     join_timeout_s: float = 120.0
+    secret_file: str = ""  # the secret every node of a job shares (`bagpipe keys`); one node: a fresh one
 
     def __post_init__(self) -> None:
         if self.nnodes < 1:
@@ -220,6 +226,9 @@ class LaunchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: not a port: {getattr(self, name)}")
         if self.join_timeout_s <= 0:
             raise ConfigError("--join-timeout must be > 0")
+        if self.nnodes > 1 and not self.secret_file:
+            raise ConfigError("--secret-file (BAGPIPE_SECRET_FILE) is required with several nodes: write one with "
+                              "`bagpipe keys --out DIR` and copy DIR/job.secret to every node (docs/security.md)")
 
     def shards_here(self, cfg: RunConfig) -> int:
         if not cfg.rules.planned:
@@ -242,8 +251,16 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
     run = RunDir(run_dir)
     lock = run.lock()  # held until every process of this job is stopped (finally, below)
     started = time.perf_counter()
+    # Passwords never reach a file: URLs are kept without theirs, the store clients get it from
+    # the environment (bagpipe.auth, docs/security.md).
+    cfg, launch, url_password = _strip_passwords(cfg, launch)
+    secret = read_secret(Path(launch.secret_file), "--secret-file") if launch.secret_file else None
+    secret = write_secret(run.secret_path, secret)  # owner-only, this launch's
+    store_cfg = cfg.store_config()
+    password = store_cfg.password or url_password or redis_password(secret)
+    child_env = dict(os.environ, **{store_cfg.password_env: password})
     rdzv_port = launch.rendezvous_port or (free_port(launch.master_addr) if single else launch.master_port + 1)
-    rdzv = Rendezvous(launch.master_addr, rdzv_port, master, launch.join_timeout_s)
+    rdzv = Rendezvous(launch.master_addr, rdzv_port, master, launch.join_timeout_s, secret)
     node = f"node {launch.node_rank}"
     servers = None
     children: list[Child] = []
@@ -274,7 +291,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
         if shards:
             from bagpipe.servers import RedisClusterServers, RedisServers
 
-            store_cfg = dataclasses.replace(cfg.store_config(), shards=shards, host=launch.host)
+            store_cfg = dataclasses.replace(cfg.store_config(), shards=shards, host=launch.host, job_password=password)
             servers = (RedisClusterServers if cfg.redis_cluster else RedisServers)(store_cfg, run.redis)
             servers.start()
             for pid in servers.pids:
@@ -297,25 +314,25 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
                     endpoints["redis_cluster_url"] = endpoints["redis_cluster_url"] or node_shards["cluster_url"]
                 if not endpoints["redis"]:
                     raise JobError("no embedding servers: give --redis URL or --shards-per-node S")
-                _fill_store(cfg, endpoints["redis"], run, start, endpoints["redis_cluster_url"])
+                _fill_store(cfg, endpoints["redis"], run, start, endpoints["redis_cluster_url"], password)
                 host = launch.host if not single else cfg.oracle_bind.split("//", 1)[-1].rsplit(":", 1)[0]
                 port = int(cfg.oracle_bind.rsplit(":", 1)[-1]) or free_port(host)
                 endpoints["oracle"] = f"tcp://{host}:{port}"
                 children.append(_spawn("oracle", [sys.executable, "-m", "bagpipe", "oracle", "--run-dir",
                                                   str(run_dir), "--endpoint", endpoints["oracle"],
                                                   "--first-iteration", str(start)], run.log("oracle"),
-                                       placement.service_cpus()))
+                                       placement.service_cpus(), child_env))
             rdzv.publish("endpoints", endpoints)
         else:
             endpoints = rdzv.get("endpoints", who="the endpoints from node 0")
         run.write_endpoints(endpoints)
         # 4. torchrun for this node's trainers.
         master_port = launch.master_port or free_port(launch.master_addr)
-        trainer_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launch.nnodes),
+        trainer_cmd = [sys.executable, "-m", "bagpipe.runner.torchrun", "--nnodes", str(launch.nnodes),
                        "--node-rank", str(launch.node_rank), "--nproc-per-node", str(nproc),
                        "--master-addr", launch.master_addr, "--master-port", str(master_port),
                        "--module", "trainers.trainer", "--run-dir", str(run_dir), "--first-iteration", str(start)]
-        children.append(_spawn("trainers", trainer_cmd, run.log("trainers"), placement.all_trainer_cpus()))
+        children.append(_spawn("trainers", trainer_cmd, run.log("trainers"), placement.all_trainer_cpus(), child_env))
         # Every pid this node started, for operators and for tests that check nothing is left behind.
         pids = {c.name: c.proc.pid for c in children}
         if servers is not None:
@@ -325,7 +342,10 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             _watch(children, run, quiet, lambda: _other_node_failed(rdzv, launch), wait_elsewhere_s=0.0 if single
                    else ELSEWHERE_WAIT_S)
         except JobError as exc:
-            rdzv.publish(f"failed/{launch.node_rank}", str(exc))  # whole: the other nodes quote it
+            try:
+                rdzv.publish(f"failed/{launch.node_rank}", str(exc))  # whole: the other nodes quote it
+            except RendezvousError:
+                pass  # node 0 is out of reach: this node's own reason is the one to give
             raise
         # 5. Results: every node hands its ranks' figures to node 0; shards stay up until node 0 is done.
         mine = run.rank_results()
@@ -359,6 +379,25 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             servers.stop()
         lock.release()
         log.debug("%s stopped everything it started", node)
+
+
+def _strip_passwords(cfg: RunConfig, launch: LaunchConfig) -> tuple[RunConfig, LaunchConfig, str | None]:
+    """The config and launch with every Redis URL's password removed, and that password (one for all)."""
+    found: set[str] = set()
+
+    def strip(url: str) -> str:
+        bare, pw = split_url_password(url)
+        if pw is not None:
+            found.add(pw)
+        return bare
+
+    cfg = cfg.replace(redis_urls=tuple(strip(u) for u in cfg.redis_urls),
+                      redis_cluster_url=strip(cfg.redis_cluster_url) if cfg.redis_cluster_url else "")
+    launch = dataclasses.replace(launch, redis_urls=tuple(strip(u) for u in launch.redis_urls))
+    if len(found) > 1:
+        raise ConfigError("the Redis URLs carry different passwords; a job uses one password for every shard "
+                          "(give it once, in $BAGPIPE_REDIS_PASSWORD)")
+    return cfg, launch, next(iter(found), None)
 
 
 def _write_run_files(run: RunDir, cfg: RunConfig, job_id: str) -> None:
@@ -610,6 +649,8 @@ def _launch_args(parser: argparse.ArgumentParser) -> None:
                    help="existing embedding servers, redis://host:port/0 each")
     g.add_argument("--redis-cluster", default="", metavar="URL", help="a node of an existing Redis Cluster")
     g.add_argument("--join-timeout", type=float, default=float(env("BAGPIPE_JOIN_TIMEOUT", 120)))
+    g.add_argument("--secret-file", default=env("BAGPIPE_SECRET_FILE", ""),
+                   help="the job secret every node shares (`bagpipe keys` writes job.secret); one node: fresh")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,8 +668,14 @@ def main(argv: list[str] | None = None) -> int:
                               master_addr=args.master_addr, master_port=args.master_port,
                               rendezvous_port=args.rdzv_port, host=args.host,
                               shards_per_node=args.shards_per_node, join_timeout_s=args.join_timeout,
-                              redis_urls=tuple(args.redis))
-        if args.resume:
+                              redis_urls=tuple(args.redis), secret_file=args.secret_file)
+        if launch.node_rank > 0 and (args.set or args.config):
+            # Node 0 decides the job and hands its config to every node: a key given here would be
+            # ignored, so it is refused rather than silently dropped.
+            given = "--set " + " ".join(args.set) if args.set else "--config"
+            raise ConfigError(f"{given} on node {launch.node_rank}: only node 0 takes a config and overrides; "
+                              "every other node runs the config node 0 publishes (give them there)")
+        if args.resume and launch.node_rank == 0:
             if args.run_dir is None or not RunDir(args.run_dir).has_config():
                 raise JobError("--resume needs the --run-dir of an earlier run (with its config.json)")
             saved = RunDir(args.run_dir).read_config()
@@ -641,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.replace(redis_cluster_url=args.redis_cluster)
         run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         metrics = run_job(cfg, run_dir, resume=args.resume, launch=launch)
-    except (ConfigError, JobError, CheckpointError, DatasetError, RendezvousError, RunDirError, ServersError,
+    except (AuthError, TlsError, ConfigError, JobError, CheckpointError, DatasetError, RendezvousError, RunDirError, ServersError,
             StoreError) as exc:
         log.error("%s", exc)
         return 1
