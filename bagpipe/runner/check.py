@@ -133,10 +133,11 @@ def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
     return float(np.sqrt(max(var, 0.0)))
 
 
-def eval_classes(cfg: RunConfig, trainers: int) -> tuple[int, int]:
+def eval_classes(cfg: RunConfig, trainers: int, eval_rows: int) -> tuple[int, int]:
     """Positives and negatives in the eval samples rank 0 scores with ``trainers`` trainers
     (it reads ``eval_batches`` batches of its own batch size, batch_size / trainers)."""
     ds = Dataset(cfg.data)
+    cfg = cfg.replace(eval_batches=max(cfg.eval_batches, -(-eval_rows // max(1, cfg.batch_size // trainers))))
     local_b = cfg.batch_size // trainers
     if ds.num_rows("eval") < local_b:
         return 0, 0
@@ -146,7 +147,7 @@ def eval_classes(cfg: RunConfig, trainers: int) -> tuple[int, int]:
     return pos, int(len(labels) - pos)
 
 
-def drift_row(cfg: RunConfig, n: int, one: dict, many: dict) -> dict:
+def drift_row(cfg: RunConfig, n: int, one: dict, many: dict, eval_rows: int) -> dict:
     """N trainers against one process, by metrics: eval AUC within DRIFT_SE standard errors."""
     row = {"variation": f"DRIFT trainers={n} vs one process", "exact": False, "mutant": "", "fault": "",
            "drift": True, "rows": 0, "max_abs": {}, "max_rel": {}}
@@ -158,8 +159,8 @@ def drift_row(cfg: RunConfig, n: int, one: dict, many: dict) -> dict:
         row.update(ok=False, passed=False, error="no eval AUC (the eval split is smaller than a batch, "
                                                  "config key 'eval_batches')")
         return row
-    se = float(np.hypot(auc_standard_error(a1, *eval_classes(cfg, 1)),
-                        auc_standard_error(an, *eval_classes(cfg, n))))
+    se = float(np.hypot(auc_standard_error(a1, *eval_classes(cfg, 1, eval_rows)),
+                        auc_standard_error(an, *eval_classes(cfg, n, eval_rows))))
     row.update(auc_se=se, auc_diff=abs(an - a1), bound=DRIFT_SE * se)
     row["ok"] = row["passed"] = bool(abs(an - a1) <= DRIFT_SE * se)
     return row
@@ -228,7 +229,8 @@ def _sizes(cfg: RunConfig, trainer_counts: tuple[int, ...]) -> tuple[dict[int, i
     return most, len(seen)
 
 
-def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | None = None) -> list[dict]:
+def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | None = None,
+              eval_rows: int = 2048) -> list[dict]:
     from bagpipe.runner.export import load_model
     from bagpipe.runner.job import run_job
 
@@ -241,8 +243,11 @@ def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | No
         key = (trainers, model, optimizer)
         if key not in references:
             rd = work / f"reference-t{trainers}-{model}-{optimizer}"
-            metrics = run_job(cfg.replace(policy="local", trainers=trainers, model=model, optimizer=optimizer),
-                              rd, quiet=True)
+            # Enough eval samples for the drift's standard error (evaluation reads the model, never
+            # changes it; the bitwise comparison would show it if it did).
+            eval_batches = max(cfg.eval_batches, -(-eval_rows // max(1, cfg.batch_size // trainers)))
+            metrics = run_job(cfg.replace(policy="local", trainers=trainers, model=model, optimizer=optimizer,
+                                          eval_batches=eval_batches), rd, quiet=True)
             references[key] = (load_model(rd), metrics)
         return references[key]
 
@@ -286,7 +291,7 @@ def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | No
     if counts:
         _, one = reference(1, cfg.model, cfg.optimizer)
         for t in counts:
-            row = drift_row(cfg, t, one, references[(t, cfg.model, cfg.optimizer)][1])
+            row = drift_row(cfg, t, one, references[(t, cfg.model, cfg.optimizer)][1], eval_rows)
             results.append(row)
             log.info("%-45s %s", row["variation"], "ok" if row["passed"] else "FAILED")
     return results
@@ -360,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", help="run only variations whose name contains this")
     parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--eval-rows", type=int, default=2048,
+                        help="eval samples the references score, for the drift's standard error (default 2048)")
     args = parser.parse_args(argv)
     init_logger("check")
     try:
@@ -371,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="bagpipe-check-") as tmp:
         work = args.work_dir or Path(tmp)
-        results = run_check(cfg, args.matrix, work, args.only)
+        results = run_check(cfg, args.matrix, work, args.only, args.eval_rows)
     print(format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
