@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast clean-venv redis kernels gpu-bundle
+.PHONY: setup test test-extended test-fast clean-venv redis kernels gpu-bundle
 
 setup: $(STAMP) redis kernels
 
@@ -25,10 +25,14 @@ kernels: $(STAMP)
 	@$(VPY) -m oracle.warmup
 
 test: setup
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -m "not extended" tests
+
+# The check matrix on four datasets nobody tuned to, and the full matrix (an hour or more here).
+test-extended: setup
+	$(VPY) -m pytest -q -m extended tests
 
 test-fast: setup
-	$(VPY) -m pytest -q -m "not slow" tests
+	$(VPY) -m pytest -q -m "not slow and not extended" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bagpipe.runner.check import compare_models, verdict
+from bagpipe.runner.check import compare_models, identical
 from bagpipe.checkpoint import CheckpointError, Checkpoints, load_manifest
 from bagpipe.config import RunConfig
 from bagpipe.runner.export import load_model
@@ -110,7 +110,8 @@ def test_kill_then_resume_reaches_the_same_model(small_criteo, tmp_path, referen
     assert "resuming from the checkpoint after iteration" in out
     got = load_model(run_dir)
     cmp = compare_models(reference[trainers], got)
-    assert verdict(cmp, exact=trainers == 1), (cmp.max_abs, cmp.problems)
+    # Bit for bit with the uninterrupted run of the same trainer count (same reduction order).
+    assert identical(reference[trainers], got), (cmp.max_abs, cmp.problems)
 
 
 def test_checkpoint_from_another_job_is_refused(small_criteo, tmp_path):

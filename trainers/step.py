@@ -60,7 +60,16 @@ class DistCommunicator(Communicator):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor)
+        # The sum in rank order, ((g0 + g1) + g2) + ..., whatever the tensor's length: a ring
+        # all-reduce adds each chunk starting at another rank, so with three or more ranks an
+        # element's bits would depend on where it falls in the buffer (which differs between
+        # policies). Gathering and adding in rank order makes N ranks of any policy reduce
+        # alike, bit for bit (docs/consistency.md). With two ranks both are a + b.
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor)
+        tensor.copy_(parts[0])
+        for part in parts[1:]:
+            tensor.add_(part)
 
     def barrier(self) -> None:
         dist.barrier()

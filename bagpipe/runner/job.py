@@ -113,6 +113,21 @@ def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool, iterations: int)
     return start
 
 
+def resume_hint(run_dir: Path) -> str:
+    """The line a failed job ends with: the last checkpoint to resume from (rows lost with a shard
+    without persistence come back from there), or that there is none."""
+    from bagpipe.checkpoint import Checkpoints
+
+    try:
+        latest = Checkpoints(run_dir).latest()
+    except Exception:  # a damaged pointer: the resume itself will say so
+        latest = None
+    if latest is None:
+        return "\nno checkpoint to resume from (config key 'checkpoint_every'): the run must start again"
+    return (f"\nthe last checkpoint is {latest}: resume from it with "
+            f"`bagpipe run --run-dir {run_dir} --resume`")
+
+
 PREFLIGHT_BATCHES = 64
 
 
@@ -512,7 +527,7 @@ def _watch(children: list[Child], run: RunDir, quiet: bool, elsewhere=lambda: No
             while other is None and time.monotonic() < wait_until and not _has_own_cause(logs):
                 time.sleep(0.2)  # our trainers lost a peer: the node where it failed says why
                 other = _quietly(elsewhere)
-            raise JobError(failure_summary(logs, other))
+            raise JobError(failure_summary(logs, other) + resume_hint(run.path))
         if trainers.proc.poll() == 0:
             if bar is not None:
                 bar.close()
