@@ -327,12 +327,18 @@ def test_the_largest_seed_works_everywhere(tiny):
     assert Dataset(tiny).batches(100, seed=seed)[0].sparse.shape == (100, 26)
 
 
-@pytest.mark.slow
-def test_a_resume_with_nothing_left_is_refused_and_touches_nothing(small_criteo, tmp_path):
+def _finished_short_run(data: Path, tmp_path: Path) -> Path:
+    """A run of 8 iterations, checkpoints after 3 and 7, finished."""
     run = tmp_path / "run"
-    r = _bagpipe("run", "--run-dir", str(run), "--set", f"data={small_criteo}", "--set", "iterations=8",
+    r = _bagpipe("run", "--run-dir", str(run), "--set", f"data={data}", "--set", "iterations=8",
                  "--set", "checkpoint_every=4", *JOB)
     assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_a_resume_with_nothing_left_is_refused_and_touches_nothing(small_criteo, tmp_path):
+    run = _finished_short_run(small_criteo, tmp_path)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "lock"}
     for extra, left in ((["--set", "iterations=5"], "5 iterations"), ([], "8 iterations")):
         r = _bagpipe("run", "--run-dir", str(run), "--resume", *extra, timeout=60)
@@ -346,10 +352,7 @@ def test_a_resume_with_nothing_left_is_refused_and_touches_nothing(small_criteo,
 @pytest.mark.slow
 def test_a_run_stopped_after_its_last_checkpoint_is_finished_by_a_resume(small_criteo, tmp_path):
     """A job killed after its final checkpoint, before its results: --resume trains nothing and writes them."""
-    run = tmp_path / "run"
-    r = _bagpipe("run", "--run-dir", str(run), "--set", f"data={small_criteo}", "--set", "iterations=8",
-                 "--set", "checkpoint_every=4", *JOB)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run = _finished_short_run(small_criteo, tmp_path)
     finished = load_model(run)
     auc = json.loads((run / "metrics.json").read_text())["eval_auc"]
     for name in ("metrics.json", "model.pt"):  # what a kill during the final evaluation leaves unwritten
