@@ -307,11 +307,12 @@ def run_check(cfg: RunConfig, matrix_name: str, work: Path, only: list[str] | No
         results.append(row)
         log.info("%-45s %s", var.name, "ok" if row["passed"] else "FAILED")
     # Data-parallel drift: every trainer count the matrix ran, against one process, by metrics.
-    counts = sorted({t for (t, m, o) in references if t > 1 and m == cfg.model and o == cfg.optimizer})
+    base = (cfg.model, cfg.optimizer, cfg.data, cfg.pooling)
+    counts = sorted({key[0] for key in references if key[0] > 1 and key[1:] == base})
     if counts:
-        _, one = reference(1, cfg.model, cfg.optimizer)
+        _, one = reference(1, *base)
         for t in counts:
-            row = drift_row(cfg, t, one, references[(t, cfg.model, cfg.optimizer)][1], eval_rows)
+            row = drift_row(cfg, t, one, references[(t, *base)][1], eval_rows)
             results.append(row)
             log.info("%-45s %s", row["variation"], "ok" if row["passed"] else "FAILED")
     return results
