@@ -21,11 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bagpipe.auth import split_url_password
 
 _SUBNET = "10.214"
 
@@ -100,10 +103,13 @@ class EmulatedLink:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "servers.err", "wb")
         # `ip netns exec` execs the command, so this pid is the `bagpipe servers` process itself.
+        # Shards on a non-loopback address take a password (docs/security.md); the job gets it in the
+        # URLs, which it keeps out of every file it writes.
+        password = secrets.token_hex(16)
         self._servers = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, "-m", "bagpipe", "servers", "--shards", str(self.shards),
              "--host", self.shard_addr, "--dir", str(self.workdir / "redis")],
-            stdout=subprocess.PIPE, stderr=log, text=True)
+            stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "BAGPIPE_REDIS_PASSWORD": password})
         log.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -111,7 +117,7 @@ class EmulatedLink:
             if not line:
                 break
             if line.startswith("{"):
-                self.urls = json.loads(line)["urls"]
+                self.urls = [u.replace("redis://", f"redis://:{password}@", 1) for u in json.loads(line)["urls"]]
                 return
         raise RuntimeError(f"the shards behind the link did not start: {(self.workdir / 'servers.err').read_text()[-500:]}")
 
@@ -130,4 +136,5 @@ class EmulatedLink:
         self._made = []
 
     def describe(self) -> dict:
-        return {"kind": "veth + tbf", "rate_gbps": self.rate_gbps, "shards": self.urls, "namespace": self.ns}
+        shards = [split_url_password(u)[0] for u in self.urls]  # the password stays out of the report
+        return {"kind": "veth + tbf", "rate_gbps": self.rate_gbps, "shards": shards, "namespace": self.ns}
