@@ -64,7 +64,11 @@ class DistCommunicator(Communicator):
         # all-reduce adds each chunk starting at another rank, so with three or more ranks an
         # element's bits would depend on where it falls in the buffer (which differs between
         # policies). Gathering and adding in rank order makes N ranks of any policy reduce
-        # alike, bit for bit (docs/consistency.md). With two ranks both are a + b.
+        # alike, bit for bit (docs/consistency.md). With two ranks both are a + b (addition commutes
+        # exactly), so two ranks keep the ring, which sends half as much.
+        if self.world <= 2:
+            dist.all_reduce(tensor)
+            return
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
         dist.all_gather(parts, tensor)
         tensor.copy_(parts[0])
