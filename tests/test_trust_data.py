@@ -544,6 +544,11 @@ def test_node_0_quotes_the_cause_on_node_1_whole(small_criteo, tmp_path):
     port = _port_pair()
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
               "--join-timeout", "60"]
+    # Several nodes need one job secret on every node (docs/security.md); one filesystem here.
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "bagpipe", "keys", "--out", str(keys)], check=True, cwd=REPO,
+                   capture_output=True, timeout=60)
+    common += ["--secret-file", str(keys / "job.secret")]
     env = dict(os.environ, BAGPIPE_FAULT="plan-corrupt:3:1")
     cmd = [sys.executable, "-m", "bagpipe", "run"]
     node0 = subprocess.Popen(cmd + ["--run-dir", str(tmp_path / "node0"), "--node-rank", "0", *common, "--set",

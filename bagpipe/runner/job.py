@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bagpipe.auth import AuthError, read_secret, redis_password, split_url_password, write_secret
+from bagpipe.auth import AuthError, new_secret, read_secret, redis_password, split_url_password, write_secret
 from bagpipe.checkpoint import CheckpointError
 from bagpipe.config import ConfigError, RunConfig, add_set_argument, capacity_message
 from bagpipe.dataset import Dataset, DatasetError
@@ -269,8 +269,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
     # Passwords never reach a file: URLs are kept without theirs, the store clients get it from
     # the environment (bagpipe.auth, docs/security.md).
     cfg, launch, url_password = _strip_passwords(cfg, launch)
-    secret = read_secret(Path(launch.secret_file), "--secret-file") if launch.secret_file else None
-    secret = write_secret(run.secret_path, secret)  # owner-only, this launch's
+    secret = read_secret(Path(launch.secret_file), "--secret-file") if launch.secret_file else new_secret()
     store_cfg = cfg.store_config()
     password = store_cfg.password or url_password or redis_password(secret)
     child_env = dict(os.environ, **{store_cfg.password_env: password})
@@ -285,6 +284,8 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             if launch.nproc_per_node:
                 cfg = cfg.replace(trainers=launch.nnodes * launch.nproc_per_node)
             start = _prepare_run_dir(cfg, run, resume, _preflight(cfg))
+            # Written once the run directory is known to be this job's: a refused resume touches nothing.
+            write_secret(run.secret_path, secret)  # owner-only, this launch's
             job = {"config": cfg.to_dict(), "job_id": run.job_id(), "start": start}
             rdzv.publish("job", job)
         else:
@@ -292,6 +293,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             cfg = RunConfig.from_dict(job["config"])
             start = job["start"]
             _write_run_files(run, cfg, job["job_id"])
+            write_secret(run.secret_path, secret)
         # Which cores this node's trainers and its other processes run on (bagpipe.placement).
         nproc = launch.nproc_per_node or cfg.trainers
         placement = plan_placement(cfg.cpu_placement, nproc)
