@@ -89,6 +89,10 @@ class Layout:
     cat_fields: tuple[int, ...]  # the raw field index of each categorical column
     hex_cats: tuple[bool, ...]  # categorical values are hex strings (else decimal integers)
     header: bytes | None  # each file's first line, if the format has one
+    # Multi-hot text (`prepare --bag-separator`): the byte between ids inside a categorical field,
+    # and the most ids each table's field may hold. None: one value per field.
+    bag_sep: int | None = None
+    bags: tuple[int, ...] | None = None
 
     @property
     def num_cat(self) -> int:

@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -45,6 +45,7 @@ from bagpipe.progress import Progress
 from bagpipe.dataset import PARQUET_WRITE_OPTIONS, content_hash, file_schema
 from bagpipe.log import init_logger
 from data import formats as F
+from data import mlperf
 
 log = logging.getLogger("bagpipe.data.prepare")
 
@@ -81,6 +82,10 @@ class PrepareConfig:
     cap_tables: bool = True  # hashed tables no larger than the feature needs (data.formats.table_caps)
     replace: bool = False  # replace a dataset prepare made at ``out`` (never anything else)
     block_bytes: int = 8 << 20  # raw bytes parsed at a time
+    # Multi-hot text: ids inside a categorical field separated by this character, at most
+    # ``bags[t]`` of them in table t (see docs/data.md). None: one value per field.
+    bag_separator: str | None = None
+    bags: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.format not in F.FORMATS:
@@ -103,6 +108,24 @@ class PrepareConfig:
             raise ValueError(f"groups_per_file: must be >= 1, got {self.groups_per_file}")
         if self.block_bytes < 1024:
             raise ValueError(f"block_bytes: must be >= 1024, got {self.block_bytes}")
+        if (self.bag_separator is None) != (self.bags is None):
+            raise ValueError("bag_separator / bags: give both (multi-hot text) or neither")
+        if self.bag_separator is not None:
+            lay = F.layout(self.format)
+            sep = self.bag_separator
+            if len(sep) != 1 or not sep.isascii() or sep in "0123456789abcdefABCDEF-\n\r" or ord(sep) == lay.sep:
+                raise ValueError(f"bag_separator: one ASCII character that is not a digit, a hex letter, '-', a "
+                                 f"line end or the {self.format} field separator {chr(lay.sep)!r}; got {sep!r}")
+            if len(self.bags) != lay.num_cat or min(self.bags) < 1:
+                raise ValueError(f"bags: one size >= 1 per categorical column ({lay.num_cat}), got {list(self.bags)}")
+            if self.min_frequency is not None:
+                raise ValueError("min_frequency: a vocabulary is not built for multi-hot text yet; use hash_buckets")
+
+    def layout(self) -> F.Layout:
+        lay = F.layout(self.format)
+        if self.bag_separator is None:
+            return lay
+        return replace(lay, bag_sep=ord(self.bag_separator), bags=tuple(self.bags))
 
 
 # ------------------------------------------------------------------ reading
@@ -215,6 +238,8 @@ class Parsed:
     bad: list[BadRow] = field(default_factory=list)
     bad_count: int = 0
     raw_lines: int = 0  # lines in the block, good and bad
+    # Multi-hot text only: per table, (ids per row [n], the values of every row's bag in row order).
+    bag_values: list[tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _column_names(fmt: str) -> list[str]:
@@ -422,7 +447,10 @@ def parse_block(block: bytes, lay: F.Layout, file: str, first_line: int, keep_ex
     cat = np.array(lay.cat_fields)
     missing = lengths[cat] == 0
     is_hex = np.array(lay.hex_cats)
-    if is_hex.all():  # Criteo: the categorical fields are one contiguous run
+    items = None
+    if lay.bag_sep is not None:
+        items = _parse_bag_fields(buf, words, starts, ends, lay, check)
+    elif is_hex.all():  # Criteo: the categorical fields are one contiguous run
         run = slice(int(cat[0]), int(cat[-1]) + 1)
         values, ok = parse_hex(words, starts[run], lengths[run])
         check(run, ok, f"not a hex string (1 to {MAX_HEX_CHARS} hex digits, or empty)")
@@ -459,9 +487,78 @@ def parse_block(block: bytes, lay: F.Layout, file: str, first_line: int, keep_ex
         good = ~row_bad
         line_no, labels = line_no[good], labels[good]
         dense, values, missing = dense[:, good], values[:, good], missing[:, good]
+    bag_values = None
+    if items is not None:
+        item_row, item_table, item_value, counts = items
+        keep = ~row_bad[item_row]
+        item_table, item_value = item_table[keep], item_value[keep]
+        counts = counts[:, ~row_bad]
+        # Block order is row-major, so a stable sort by table keeps each table's ids in row order.
+        order = np.argsort(item_table, kind="stable")
+        split = np.cumsum(np.bincount(item_table, minlength=lay.num_cat))[:-1]
+        bag_values = list(zip(counts, np.split(item_value[order], split)))
     bad.sort(key=lambda b: b.line)
     bad_count = int((~shape_ok).sum() + row_bad.sum())
-    return Parsed(line_no, labels, dense, values, missing, bad[:keep_examples], bad_count, n)
+    return Parsed(line_no, labels, dense, values, missing, bad[:keep_examples], bad_count, n, bag_values)
+
+
+def _parse_bag_fields(buf: np.ndarray, words: BlockBytes, starts: np.ndarray, ends: np.ndarray, lay: F.Layout,
+                      check) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The categorical fields of multi-hot text: each a bag of ids separated by ``lay.bag_sep``.
+
+    Returns, for every id of every bag in block order, its row, its table and its value, and the
+    number of ids per (table, row) (0: an empty field, an empty bag). Marks through ``check`` a
+    field with an empty id inside it (``a,,b``), an id that does not parse, or more ids than
+    ``lay.bags`` allows. Vectorised like the rest: the separators of the whole block are found at
+    once and every id becomes one (start, length) pair, parsed together.
+    """
+    nf, m = starts.shape
+    cat = np.array(lay.cat_fields)
+    t_of_field = np.full(nf, -1, np.int64)
+    t_of_field[cat] = np.arange(len(cat))
+    # Fields in block order (row-major) and which of them each separator falls in.
+    fs, fe = starts.T.ravel(), ends.T.ravel()
+    q = np.flatnonzero(buf == lay.bag_sep)
+    at = np.searchsorted(fs, q, side="right") - 1
+    inside = (at >= 0) & (q < fe[np.maximum(at, 0)])
+    q, at = q[inside], at[inside]
+    in_cat = t_of_field[at % nf] >= 0
+    q, at = q[in_cat], at[in_cat]
+    seps = np.bincount(at, minlength=nf * m).reshape(m, nf).T  # [nf, m] separators per field
+    lengths = ends - starts
+    nonempty = lengths[cat] > 0  # [T, m]
+    counts = np.where(nonempty, seps[cat] + 1, 0)
+    # Every id's (start, end): a non-empty field's start or a separator + 1, and the next
+    # separator or the field's end; sorted, the two lists pair up id by id.
+    f_start = starts[cat][nonempty]
+    f_end = ends[cat][nonempty]
+    item_start = np.sort(np.concatenate([f_start, q + 1]))
+    item_end = np.sort(np.concatenate([q, f_end]))
+    item_len = item_end - item_start
+    flat = np.searchsorted(fs, item_start, side="right") - 1
+    item_row, item_field = flat // nf, flat % nf
+    item_table = t_of_field[item_field]
+    hexes = np.array(lay.hex_cats)[item_table]
+    item_value = np.zeros(len(item_start), np.uint64)
+    ok = np.ones(len(item_start), bool)
+    if hexes.any():
+        item_value[hexes], ok[hexes] = parse_hex(words, item_start[hexes], item_len[hexes])
+    if (~hexes).any():
+        v, ok_int = parse_int(words, item_start[~hexes], item_len[~hexes])
+        item_value[~hexes], ok[~hexes] = v.view(np.uint64), ok_int
+    def fields_without(bad_items: np.ndarray) -> np.ndarray:  # [nf, m]: no item of the field is bad
+        return np.bincount(flat[bad_items], minlength=nf * m).reshape(m, nf).T == 0
+
+    field_ok = fields_without(~ok)
+    empty_ok = fields_without(item_len == 0)
+    # One reason per column (check's rule): each is given only for the columns it fails.
+    for col_ok, reason in ((field_ok[cat], "a bag's id does not parse (hex or integer, per the format)"),
+                           (empty_ok[cat], f"an empty id inside a bag ({chr(lay.bag_sep)!r} twice, or at an end)"),
+                           (counts <= np.array(lay.bags)[:, None], "more ids in the bag than --bags allows")):
+        failing = ~col_ok.all(axis=1)
+        if failing.any():
+            check(cat[failing], col_ok[failing], reason)
+    return item_row, item_table, item_value, counts
 
 
 # ------------------------------------------------------------------ ids
@@ -477,6 +574,59 @@ class HashEncoder:
     def encode(self, values: np.ndarray, missing: np.ndarray) -> list[np.ndarray]:
         """Per table, the ids of values [T, n] (missing [T, n])."""
         return [F.hashed_ids(values[t], missing[t], t, size) for t, size in enumerate(self.sizes)]
+
+
+class BagColumn:
+    """A multi-hot table's ids on their way to Parquet: ids per row and the ids in row order."""
+
+    def __init__(self, counts: np.ndarray, ids: np.ndarray) -> None:
+        self.counts, self.ids = counts.astype(np.int64), ids.astype(np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, rows: slice | np.ndarray) -> "BagColumn":
+        if isinstance(rows, slice):
+            a, b, _ = rows.indices(len(self))
+            return BagColumn(self.counts[a:b], self.ids[self.offsets[a]:self.offsets[max(a, b)]])
+        keep = np.repeat(rows, self.counts)  # a row mask
+        return BagColumn(self.counts[rows], self.ids[keep])
+
+    def copy(self) -> "BagColumn":
+        return BagColumn(self.counts.copy(), self.ids.copy())
+
+    @staticmethod
+    def concatenate(parts: list["BagColumn"]) -> "BagColumn":
+        return BagColumn(np.concatenate([p.counts for p in parts]), np.concatenate([p.ids for p in parts]))
+
+    def to_arrow(self) -> pa.Array:
+        return pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)), pa.array(self.ids))
+
+
+def encode_bags(encoder: "HashEncoder", bags: tuple[int, ...], parsed: Parsed) -> list:
+    """Per table, the ids of multi-hot text: an int64 column for a table of bag 1 (an empty field
+    is the missing value's id 0, as in one-hot text), a ``BagColumn`` otherwise (an empty field is
+    an empty bag, which pools to zero)."""
+    assert parsed.bag_values is not None
+    cols: list = []
+    for t, ((counts, values), size, bag) in enumerate(zip(parsed.bag_values, encoder.sizes, bags)):
+        ids = F.hashed_ids(values, np.zeros(len(values), bool), t, size)
+        if bag == 1:
+            one = np.zeros(len(counts), np.int64)
+            one[counts == 1] = ids
+            cols.append(one)
+        else:
+            cols.append(BagColumn(counts, ids))
+    return cols
+
+
+def _concatenate(parts: list) -> np.ndarray | BagColumn:
+    return BagColumn.concatenate(parts) if isinstance(parts[0], BagColumn) else np.concatenate(parts)
+
+
+def _arrow(col: np.ndarray | BagColumn) -> pa.Array | np.ndarray:
+    return col.to_arrow() if isinstance(col, BagColumn) else col
 
 
 class ValueCounts:
@@ -593,7 +743,7 @@ class SplitWriter:
     def _flush(self, final: bool) -> None:
         if not self.buffered:
             return
-        cols = [np.concatenate(parts) for parts in zip(*self.buffer)]
+        cols = [_concatenate(list(parts)) for parts in zip(*self.buffer)]
         full = self.buffered if final else self.buffered - self.buffered % self.rows_per_group
         done = 0
         while done < full:
@@ -603,7 +753,7 @@ class SplitWriter:
                 self.writer = pq.ParquetWriter(path, self.schema, **PARQUET_WRITE_OPTIONS)
                 self.groups_in_file = 0
             take = min(full - done, (self.groups_per_file - self.groups_in_file) * self.rows_per_group)
-            table = pa.table([c[done:done + take] for c in cols], schema=self.schema)
+            table = pa.table([_arrow(c[done:done + take]) for c in cols], schema=self.schema)
             self.writer.write_table(table, row_group_size=self.rows_per_group)
             self.groups_in_file += -(-take // self.rows_per_group)
             done += take
@@ -623,7 +773,7 @@ class SplitWriter:
 
 
 def output_schema(lay: F.Layout) -> pa.Schema:
-    return file_schema(lay.num_dense, list(lay.cat_names))
+    return file_schema(lay.num_dense, list(lay.cat_names), list(lay.bags) if lay.bags else None)
 
 
 # ------------------------------------------------------------------ the passes
@@ -683,7 +833,7 @@ class PrepareResult:
 
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Run every pass and write ``cfg.out`` atomically; returns meta.json's content and the speed."""
-    lay = F.layout(cfg.format)
+    lay = cfg.layout()
     for path in cfg.inputs:
         if not path.is_file():
             raise PrepareError(f"{path}: no such file")
@@ -728,7 +878,10 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         schema = output_schema(lay)
         writers = {s: SplitWriter(tmp / s, schema, cfg.rows_per_group, cfg.groups_per_file) for s in ("train", "eval")}
         for row_base, parsed in _rows_of(cfg, lay, progress, bad):
-            ids = encoder.encode(parsed.values, parsed.missing)
+            if lay.bags is not None:
+                ids = encode_bags(encoder, lay.bags, parsed)
+            else:
+                ids = encoder.encode(parsed.values, parsed.missing)
             ev = is_eval(row_base, parsed)
             cols = [parsed.labels] + list(parsed.dense) + ids
             for name, mask in (("train", ~ev), ("eval", ev)):
@@ -818,7 +971,8 @@ def _meta(cfg: PrepareConfig, lay: F.Layout, encoder, writers: dict[str, SplitWr
         "num_dense": lay.num_dense,
         "dense": ("log(1 + max(x, 0)) of I1..I13, missing 0" if cfg.format == "criteo"
                   else "hour of day / 23, day of week (Monday 0) / 6, from `hour`"),
-        "tables": [{"name": n, "num_embeddings": int(s)} for n, s in zip(lay.cat_names, encoder.sizes)],
+        "tables": [{"name": n, "num_embeddings": int(s), **({"bag": int(b)} if lay.bags else {})}
+                   for n, s, b in zip(lay.cat_names, encoder.sizes, lay.bags or [1] * lay.num_cat)],
         "files": {s: [p.relative_to(root).as_posix() for p in w.files] for s, w in writers.items()},
         "rows_per_group": cfg.rows_per_group,
         "page_checksums": PARQUET_WRITE_OPTIONS["write_page_checksum"],
@@ -831,6 +985,7 @@ def _meta(cfg: PrepareConfig, lay: F.Layout, encoder, writers: dict[str, SplitWr
             "eval_split": "last rows",
             "on_bad_row": cfg.on_bad_row,
             "rows_per_group": cfg.rows_per_group,
+            "bag_separator": cfg.bag_separator,
         },
         "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in cfg.inputs],
         "content_hash": content_hash(root, [p.relative_to(root).as_posix() for p in files]),
@@ -840,8 +995,10 @@ def _meta(cfg: PrepareConfig, lay: F.Layout, encoder, writers: dict[str, SplitWr
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagpipe data prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--format", required=True, choices=F.FORMATS)
-    parser.add_argument("--input", required=True, nargs="+", type=Path, help="raw files, plain or .gz, in order")
+    parser.add_argument("--format", required=True, choices=F.FORMATS + (mlperf.FORMAT,),
+                        help=f"{mlperf.FORMAT}: MLPerf DLRM-DCNv2's materialized multi-hot days (data/mlperf.py)")
+    parser.add_argument("--input", required=True, nargs="+", type=Path,
+                        help="raw files, plain or .gz, in order (mlperf-npz: each day's _sparse_multi_hot.npz)")
     parser.add_argument("--out", required=True, type=Path,
                         help="a new or empty directory (or, with --replace, a dataset this command made)")
     parser.add_argument("--replace", action="store_true", help="replace the prepared dataset at --out")
@@ -852,15 +1009,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-bad-row", default="fail", choices=("fail", "skip"))
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="the last F of the rows form the eval split")
     parser.add_argument("--rows-per-group", type=int, default=65536)
+    parser.add_argument("--bag-separator", help="multi-hot text: the character between ids inside a categorical "
+                        "field (e.g. ','; needs --bags)")
+    parser.add_argument("--bags", help="with --bag-separator: the most ids per field, 'mlperf', N for all, or N1,N2,...")
+    parser.add_argument("--num-embeddings", help="mlperf-npz only: rows per table, 'mlperf' or N1,N2,... "
+                        "(default: each table's largest id + 1)")
     args = parser.parse_args(argv)
     init_logger("prepare")
+    if args.format == mlperf.FORMAT:
+        return _main_mlperf(parser, args)
+    if args.num_embeddings is not None:
+        parser.error(f"--num-embeddings: only for --format {mlperf.FORMAT} (text inputs hash or count their ids)")
     buckets = args.hash_buckets if args.hash_buckets is not None or args.min_frequency is not None else 1_000_000
+    bags = None
+    if args.bags is not None:
+        from data.multihot import MultiHotError, parse_bags
+        try:
+            bags = parse_bags(args.bags, F.layout(args.format).num_cat)
+        except MultiHotError as exc:
+            parser.error(str(exc))
     try:
         cfg = PrepareConfig(args.format, tuple(args.input), args.out, buckets, args.min_frequency,
                             args.on_bad_row, args.eval_fraction, args.rows_per_group, cap_tables=not args.no_cap,
-                            replace=args.replace)
+                            replace=args.replace, bag_separator=args.bag_separator, bags=bags)
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(str(exc).replace("bag_separator", "--bag-separator").replace("bags:", "--bags:"))
     try:
         result = prepare(cfg)
     except PrepareError as exc:
@@ -869,4 +1042,21 @@ def main(argv: list[str] | None = None) -> int:
     meta = result.meta
     print(f"{cfg.out}: {meta['rows']} train rows, {meta['eval_rows']} eval rows, {meta['bad_rows']} bad rows "
           f"skipped ({result.rows_per_s:.0f} rows/s)")
+    return 0
+
+
+def _main_mlperf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    for opt in ("hash_buckets", "min_frequency"):
+        if getattr(args, opt) is not None:
+            parser.error(f"--{opt.replace('_', '-')}: not for --format {mlperf.FORMAT} (its ids are kept as they are)")
+    try:
+        cfg = mlperf.MlperfConfig(tuple(args.input), args.out, mlperf.parse_num_embeddings(args.num_embeddings),
+                                  args.eval_fraction, args.rows_per_group, args.replace)
+        meta = mlperf.convert(cfg)
+    except mlperf.MlperfError as exc:
+        print(f"bagpipe data prepare: error: {exc}", file=sys.stderr)
+        return 1
+    bags = [t["bag"] for t in meta["tables"]]
+    print(f"{cfg.out}: {meta['rows']} train rows, {meta['eval_rows']} eval rows, {len(bags)} tables, "
+          f"{sum(bags)} ids per sample")
     return 0
