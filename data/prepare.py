@@ -2,12 +2,15 @@
 
     bagpipe data prepare --format criteo|avazu --input PATH... --out DIR [--replace]
         [--hash-buckets N | --min-frequency K] [--on-bad-row fail|skip]
-        [--eval-fraction F] [--rows-per-group R]
+        [--eval-fraction F] [--rows-per-group R] [--bag-separator C --bags N1,...]
+    bagpipe data prepare --format mlperf-npz --input DAY.npz... --out DIR (data/mlperf.py)
 
 Output: ``DIR/train/part-*.parquet``, ``DIR/eval/part-*.parquet`` (row groups
 of R rows) and ``DIR/meta.json``; columns ``label`` (float32),
 ``dense_0..`` (float32) and one int64 row-id column per categorical feature;
-every page carries a CRC-32 that readers verify. DIR must be new or empty;
+every page carries a CRC-32 that readers verify. With ``--bag-separator`` a
+categorical field holds a bag of ids (``a,b,c``) and a table whose bag exceeds
+one is a ``list<int64>`` column (docs/multihot.md). DIR must be new or empty;
 ``--replace`` replaces a dataset this command made there (and nothing else:
 not a directory holding other files, nor one holding an input).
 See docs/data.md for every choice (log transform, hashing, vocabulary, eval
