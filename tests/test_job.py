@@ -41,8 +41,13 @@ def test_bagpipe_job_trains_learns_and_cleans_up(small_criteo, tmp_path):
     assert wait_gone(list(pids.values()), 2.0) == []
 
 
+@pytest.mark.slow
+@pytest.mark.extended
 def test_every_policy_trains_the_local_model(small_criteo, tmp_path):
-    """One trainer: each policy's exported model is bitwise the all-in-memory one."""
+    """One trainer: each policy's exported model is bitwise the all-in-memory one, in-process.
+
+    In make test-extended only: make test's small matrix (tests/test_check.py) checks the same
+    bit for bit for every policy, through the command a user runs."""
     base = RunConfig(data=str(small_criteo), trainers=1, shards=2, batch_size=128, iterations=12,
                      cache_rows=2500, lead=2, horizon=4, eval_batches=2)
     run_job(base.replace(policy="local"), tmp_path / "local", quiet=True)
