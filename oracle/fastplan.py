@@ -615,8 +615,11 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
     Dedups each trainer's share, sorts its distinct keys, links each key's
     previous loaded occurrence to this one, and (bagpipe) moves resident rows
     that had no use in the window from set A to bucket i. ``distinct[t]``
-    receives its number of distinct rows. It touches only trainer t's state,
-    so trainers load at the same time; ``WL[t]`` [5, U] is scratch.
+    receives its number of distinct rows. A negative key is an absent cell
+    (``bagpipe.keys.ABSENT``: a partition's view, where another partition
+    plans that cell): it adds no row and its read slot is -1. It touches only
+    trainer t's state, so trainers load at the same time; ``WL[t]`` [5, U] is
+    scratch.
     """
     U, R, LB, T = C[C_U], C[C_R], C[C_LB], C[C_T]
     bag = C[C_POLICY] == P_BAGPIPE
@@ -643,6 +646,9 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
             if Ht[q, 0] == kk[x + PF // 2] and Ht[q, 1] > 0:
                 _prefetch(E64t, Ht[q, 1] - 1)
         key = kk[x]
+        if key < 0:
+            it[x] = -1  # absent: a cell another partition plans (bagpipe.keys.ABSENT)
+            continue
         p = _hfind(Ht, key, shift, mask)
         e = Ht[p, 1] - 1
         if e < 0:
@@ -690,7 +696,8 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
         Wu[t, base + s] = de[d]
         rank[d] = s
     for x in range(U):
-        Wi[t, base + x] = rank[it[x]]
+        d = it[x]
+        Wi[t, base + x] = rank[d] if d >= 0 else -1
     Wn[t, sl] = nd
     distinct[t] = nd
     # 3. next-use links
@@ -1272,7 +1279,8 @@ def _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, first_fid, inst):
         rt = read[t]
         for b in range(LB):
             for c in range(T):
-                rt[b, c] = us[Wi[t, base + b * T + c]]
+                w = Wi[t, base + b * T + c]
+                rt[b, c] = us[w] if w >= 0 else -1  # an absent cell reads nothing here
     in_order, in_off = _group(inst[:, 0], ni, N)
     in_id = np.empty(ni, np.int64)
     in_slot = np.empty(ni, np.int32)
@@ -1390,7 +1398,7 @@ def advance(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE,
     counts[t, 2] = err
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WNEW, counts, WEVF, WNEWF, new_off):
     """After every trainer's ``advance(k)``: apply the evictions after iteration k-1.
 
@@ -1426,7 +1434,7 @@ def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WNEW, counts, WEVF, WNEW
     return (err, err_t) + _finish(C, k - 1, ev, nev, GE, GM, GFS, Gh, LW, WQ, ST)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def plan_iteration(C, k, E64, E32, M, Wu, Wn, Wi, Gh, GE, GM, GFS, LW, ST, WNEWF, new_off, WJR, WIN):
     """Plan k from the new rows ``finish_step`` merged: fetches and joins, installs, reads and syncs.
 
@@ -1436,7 +1444,7 @@ def plan_iteration(C, k, E64, E32, M, Wu, Wn, Wi, Gh, GE, GM, GFS, LW, ST, WNEWF
     return _plan(C, k, WNEWF, new_off, E64, E32, M, Wu, Wn, Wi, GE, GM, GFS, Gh, LW, ST, WJR, WIN)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def flush(C, after, E64, E32, EFS, Hh, M, S, QL, Gh, GE, GM, GFS, LW, WQ, ST):
     """After the last iteration every cached row is evicted (in the order it was acquired), and written back once.
 
