@@ -27,6 +27,7 @@ from bagpipe.wire import (MAX_CONTROL_BYTES, Control, Credit, End, Error, Hello,
                          encode_control, encode_plan)
 import numpy as np
 
+from oracle.partitions import make_planner
 from oracle.planner import BatchSource, Planner, PlanError
 
 log = logging.getLogger("bagpipe")
@@ -73,14 +74,14 @@ class SegmentedPlans:
             hi = cfg.segment_end(lo, iterations)
             self.bounds.append((lo, hi))
             lo = hi
-        self.planner: Planner | None = None
+        self.planner: Planner | None = None  # or an oracle.partitions.PartitionedPlanner
         self.offset = 0
         self.stats: list = []
 
     def plans(self):
         for lo, hi in self.bounds:
             self.offset = lo
-            self.planner = Planner(self.cfg.oracle_config(iterations=hi - lo), _Shifted(self.batches, lo, hi))
+            self.planner = make_planner(self.cfg.oracle_config(iterations=hi - lo), _Shifted(self.batches, lo, hi))
             log.info("iterations %d..%d: %s", lo, hi - 1, self.planner.horizon_choice.line())
             for i, plans in self.planner.plans():
                 for p in plans:
