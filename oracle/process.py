@@ -82,7 +82,9 @@ class SegmentedPlans:
         for lo, hi in self.bounds:
             self.offset = lo
             self.planner = make_planner(self.cfg.oracle_config(iterations=hi - lo), _Shifted(self.batches, lo, hi))
-            log.info("iterations %d..%d: %s", lo, hi - 1, self.planner.horizon_choice.line())
+            parts = self.cfg.oracle_partitions
+            log.info("iterations %d..%d: %s%s", lo, hi - 1, self.planner.horizon_choice.line(),
+                     f"; {parts} partitions planned in threads" if parts > 1 else "")
             for i, plans in self.planner.plans():
                 for p in plans:
                     p.iteration = i + lo
@@ -103,7 +105,8 @@ class SegmentedPlans:
         # What the lookahead took, against its budget (the longest segment's window).
         choice = self.planner.horizon_choice
         window = {"horizon": choice.horizon, "horizon_reason": choice.reason,
-                  "window_mb": round(choice.window_bytes / 2**20, 3), "oracle_memory_mb": choice.memory_mb}
+                  "window_mb": round(choice.window_bytes / 2**20, 3), "oracle_memory_mb": choice.memory_mb,
+                  "oracle_partitions": self.cfg.oracle_partitions}
         if not self.stats:
             self.stats = [dict(vars(s), **window) for s in stats]
             return

@@ -9,6 +9,8 @@ a share too small for a batch is named with the cache_rows that works.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -213,3 +215,29 @@ def test_oracle_partitions_is_checked():
             RunConfig.load(None, [bad])
     with pytest.raises(ConfigError, match="oracle_partitions"):
         RunConfig.load(None, ["cache_rows=3", "oracle_partitions=4"])
+
+
+# ------------------------------------------------------------------ a whole job
+def _assert_models_equal(a, b) -> None:
+    for name, tensor in a["dense"].items():
+        assert b["dense"][name].equal(tensor), name
+    for table, rows in a["tables"].items():
+        for field in ("ids", "weights", "state"):
+            assert b["tables"][table][field].equal(rows[field]), (table, field)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainers", [1, 2])
+def test_a_partitioned_job_trains_the_local_model(small_criteo, tmp_path, trainers):
+    """``bagpipe run`` with two partitions: the exported model is bitwise that of policy ``local``."""
+    from bagpipe.runner.export import load_model
+    from bagpipe.runner.job import run_job
+
+    base = RunConfig(data=str(small_criteo), trainers=trainers, shards=1, batch_size=128 * trainers,
+                     iterations=12, cache_rows=2500, lead=2, horizon=4, eval_batches=2)
+    run_job(base.replace(policy="local"), tmp_path / "local", quiet=True)
+    m = run_job(base.replace(policy="bagpipe", oracle_partitions=2), tmp_path / "split", quiet=True)
+    assert m["rows_fetched"] > 0 and m["rows_written_back"] > 0
+    stats = json.loads((tmp_path / "split" / "oracle_stats.json").read_text())
+    assert [s["oracle_partitions"] for s in stats] == [2] * trainers
+    _assert_models_equal(load_model(tmp_path / "local"), load_model(tmp_path / "split"))
