@@ -241,3 +241,11 @@ def test_a_partitioned_job_trains_the_local_model(small_criteo, tmp_path, traine
     stats = json.loads((tmp_path / "split" / "oracle_stats.json").read_text())
     assert [s["oracle_partitions"] for s in stats] == [2] * trainers
     _assert_models_equal(load_model(tmp_path / "local"), load_model(tmp_path / "split"))
+
+
+def test_the_kernels_split_keys_as_partition_of_does():
+    from oracle.partitions import _owners
+
+    keys = np.random.default_rng(0).integers(0, 1 << 62, size=(64, 5))
+    for k in (1, 2, 3, 8, 200):
+        assert np.array_equal(_owners(keys, k).astype(np.int64), partition_of(keys, k)), k
