@@ -249,3 +249,15 @@ def test_the_kernels_split_keys_as_partition_of_does():
     keys = np.random.default_rng(0).integers(0, 1 << 62, size=(64, 5))
     for k in (1, 2, 3, 8, 200):
         assert np.array_equal(_owners(keys, k).astype(np.int64), partition_of(keys, k)), k
+
+
+def test_simulate_reports_the_partitioned_planner():
+    from oracle.simulate import simulate
+
+    data = _trace(6, 20, 64, 4, 3000, 1.2)
+    cache = 2 * _min_partitioned(data, 2, 4)
+    report = simulate(data, 64, cache, 2, 2, 6, len(data), ["bagpipe"], partitions=4)["bagpipe"]
+    planner = PartitionedPlanner(fast.PlannerConfig("bagpipe", cache, 2, 6, 2, 64, len(data), partitions=4), data)
+    _run(planner)
+    assert report["rows_fetched"] == sum(s.rows_fetched for s in planner.stats)
+    assert report["rows_written_back"] == sum(s.rows_written_back for s in planner.stats)
