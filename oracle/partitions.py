@@ -115,21 +115,21 @@ class _Split:
     """The batches' plan keys with each cell's partition, for the partitions' views.
 
     The K planners load batch i at about the same time, each in its thread: the first to ask
-    reads and hashes it, the others find it here. A few recent batches are kept (the planners
-    advance in lockstep); an older one asked again (``static``'s counting pass) is read again.
+    reads and hashes it, the others find it here; it is dropped once every partition has taken
+    it. At most ``keep`` batches are held (the planners advance in lockstep, a window apart at
+    most); one dropped for room and asked again (``static``'s counting pass) is read again.
     """
 
-    KEEP = 8
-
-    def __init__(self, batches: BatchSource, trainers: int, partitions: int) -> None:
-        self.batches, self.trainers, self.partitions = batches, trainers, partitions
+    def __init__(self, batches: BatchSource, trainers: int, partitions: int, keep: int) -> None:
+        self.batches, self.trainers, self.partitions, self.keep = batches, trainers, partitions, keep
         self._lock = threading.Lock()
         self._recent: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._taken: dict[int, set[int]] = {}  # batch -> the partitions that have taken it
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def keys(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def keys(self, i: int, partition: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch i's plan keys [B, S] (pads standing in for a real key) and each cell's partition."""
         with self._lock:
             got = self._recent.get(i)
@@ -139,8 +139,14 @@ class _Split:
                 except ValueError as exc:
                     raise PlanError(f"batch {i}: {exc}") from None
                 got = self._recent[i] = (keys, _owners(keys, self.partitions))
-                while len(self._recent) > self.KEEP:
-                    self._recent.popitem(last=False)
+                self._taken[i] = set()
+                while len(self._recent) > self.keep:
+                    old, _ = self._recent.popitem(last=False)
+                    del self._taken[old]
+            taken = self._taken[i]
+            taken.add(partition)
+            if len(taken) == self.partitions:
+                del self._recent[i], self._taken[i]
             return got
 
 
@@ -159,7 +165,7 @@ class _View:
     def __getitem__(self, i: int) -> np.ndarray:
         if self._last is not None and self._last[0] == i:
             return self._last[1]
-        keys, owners = self.split.keys(i)
+        keys, owners = self.split.keys(i, self.partition)
         view = _view(keys, owners, self.partition)
         self._last = (i, view)
         return view
@@ -185,7 +191,7 @@ class PartitionedPlanner:
         self.wb_applied_through = -1
         cores = os.cpu_count() or 1
         self.workers = min(self.k, cores) if workers is None else workers  # partition threads (0: here)
-        split = _Split(batches, self.n, self.k)
+        split = _Split(batches, self.n, self.k, keep=cfg.horizon + 4)
         self.parts = []
         for p, share in enumerate(self.shares):
             part_cfg = dataclasses.replace(cfg, cache_rows=share, partitions=1)
