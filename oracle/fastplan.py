@@ -618,7 +618,7 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
     receives its number of distinct rows. A negative key is an absent cell
     (``bagpipe.keys.ABSENT``: a partition's view, where another partition
     plans that cell): it adds no row and its read slot is -1. It touches only
-    trainer t's state, so trainers load at the same time; ``WL[t]`` [5, U] is
+    trainer t's state, so trainers load at the same time; ``WL[t]`` [6, U] is
     scratch.
     """
     U, R, LB, T = C[C_U], C[C_R], C[C_LB], C[C_T]
@@ -628,27 +628,33 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
     shift, mask = _shift_for(hcap), hcap - 1
     sl = i % R
     base = sl * U
-    it, rank, kk, dk, de = WL[t, 0], WL[t, 1], WL[t, 2], WL[t, 3], WL[t, 4]
+    it, rank, kk, dk, de, at = WL[t, 0], WL[t, 1], WL[t, 2], WL[t, 3], WL[t, 4], WL[t, 5]
     E64t, E32t, Ht, Mt = E64[t], E32[t], Hh[t], M[t]
     r0 = t * LB
+    # The present keys, in cell order, and the cell of each (at): absent cells are skipped here,
+    # without a branch (in a partition's view they are a random half, which defeats prediction).
+    m = 0
     for b in range(LB):
         for c in range(T):
-            kk[b * T + c] = rows[r0 + b, c]
+            x = b * T + c
+            key = rows[r0 + b, c]
+            kk[m] = key
+            at[m] = x
+            it[x] = U - 1  # an absent cell's rank sits at U - 1 (step 2), unused when m < U
+            m += key >= 0
     # 1. every occurrence -> its row's entry (created when new), and the distinct rows in order of
     # first occurrence (Y_DSI and de form a sparse set: no clearing). Two look-aheads: the hash cell
     # PF occurrences ahead, then, PF / 2 ahead, the entry that cell names (when the key sits at home).
     nd = 0
     EFSt = EFS[t]
-    for x in range(U):
-        if x + PF < U:
-            _prefetch(Ht, _home(kk[x + PF], shift))
-            q = _home(kk[x + PF // 2], shift)
-            if Ht[q, 0] == kk[x + PF // 2] and Ht[q, 1] > 0:
+    for y in range(m):
+        if y + PF < m:
+            _prefetch(Ht, _home(kk[y + PF], shift))
+            q = _home(kk[y + PF // 2], shift)
+            if Ht[q, 0] == kk[y + PF // 2] and Ht[q, 1] > 0:
                 _prefetch(E64t, Ht[q, 1] - 1)
-        key = kk[x]
-        if key < 0:
-            it[x] = -1  # absent: a cell another partition plans (bagpipe.keys.ABSENT)
-            continue
+        key = kk[y]
+        x = at[y]
         p = _hfind(Ht, key, shift, mask)
         e = Ht[p, 1] - 1
         if e < 0:
@@ -695,9 +701,10 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
         d = order[s]
         Wu[t, base + s] = de[d]
         rank[d] = s
+    if m < U:
+        rank[U - 1] = -1  # absent cells read nothing (nd <= m < U: no row's rank is there)
     for x in range(U):
-        d = it[x]
-        Wi[t, base + x] = rank[d] if d >= 0 else -1
+        Wi[t, base + x] = rank[it[x]]
     Wn[t, sl] = nd
     distinct[t] = nd
     # 3. next-use links
@@ -1244,7 +1251,8 @@ def _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, first_fid, inst):
     read = np.empty((N, LB, T), np.int32)
     for t in range(N):
         nd = Wn[t, sl]
-        us = np.empty(nd, np.int32)
+        us = np.empty(nd + 1, np.int32)
+        us[nd] = -1  # an absent cell's Wi is -1: us[-1], read slot -1
         gs = np.empty(nd, np.int64)
         E64t, E32t = E64[t], E32[t]
         for s in range(nd):
@@ -1279,8 +1287,7 @@ def _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, first_fid, inst):
         rt = read[t]
         for b in range(LB):
             for c in range(T):
-                w = Wi[t, base + b * T + c]
-                rt[b, c] = us[w] if w >= 0 else -1  # an absent cell reads nothing here
+                rt[b, c] = us[Wi[t, base + b * T + c]]
     in_order, in_off = _group(inst[:, 0], ni, N)
     in_id = np.empty(ni, np.int64)
     in_slot = np.empty(ni, np.int32)

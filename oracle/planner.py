@@ -151,7 +151,7 @@ class _State:
         self.counts = np.zeros((n, 3), np.int64)  # per trainer: evictions, new rows, error
         self.new_off = np.zeros(n + 1, np.int64)
         # Scratch, reused by every kernel call (fresh buffers would cost page faults at every step).
-        self.WL = np.zeros((n, 5, u), np.int64)
+        self.WL = np.zeros((n, 6, u), np.int64)
         self.WEV = np.zeros((n, 0, 4), np.int64)
         self.WNEW = np.zeros((n, 0, 3), np.int64)  # new rows: entry, slot, key
         self.WEVF = np.zeros((0, 4), np.int64)
