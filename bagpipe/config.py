@@ -62,6 +62,36 @@ def capacity_message(cache_rows: int, trainer: int, need: int, iteration: int | 
             f"{where}; the smallest workable cache_rows is {bound}{smallest}")
 
 
+def partition_shares(cache_rows: int, partitions: int) -> list[int]:
+    """Each partition's share of a trainer's cache slots, as even as possible (the first ones one larger);
+    partition p owns the slots from the sum of the shares before it."""
+    q, r = divmod(cache_rows, partitions)
+    return [q + (p < r) for p in range(partitions)]
+
+
+def smallest_partitioned_cache(most: list[int]) -> int:
+    """The smallest cache_rows whose shares (``partition_shares``) hold ``most[p]`` rows in partition p.
+
+    The shares of K partitions differ by one at most, the larger ones first: with M the largest need,
+    K (M - 1) slots plus one for each partition up to the last that needs M."""
+    k, m = len(most), max(most, default=0)
+    if m == 0:
+        return k
+    last = max(p for p in range(k) if most[p] == m)
+    return k * (m - 1) + last + 1
+
+
+def partition_capacity_message(cache_rows: int, partitions: int, partition: int, share: int, trainer: int,
+                               need: int, iteration: int | None, smallest: int, at_least: bool = False) -> str:
+    """``capacity_message`` for partitioned planning: the share that is too small, and the cache_rows
+    that gives every partition a share its rows fit in."""
+    where = f"in iteration {iteration}" if iteration is not None else "in one iteration"
+    bound = "at least " if at_least else ""
+    return (f"config key 'cache_rows': {cache_rows} is too small for oracle_partitions = {partitions}: trainer "
+            f"{trainer} reads {need} distinct rows of partition {partition} {where}, whose share of the cache is "
+            f"{share} slots; the smallest workable cache_rows is {bound}{smallest} with {partitions} partitions")
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Where the embedding rows live: S local redis-server shards, given URLs, or a cluster."""
@@ -116,6 +146,9 @@ class OracleConfig:
     bind: str = "tcp://127.0.0.1:0"
     recv_timeout_s: float = 120.0  # validated by TrainerConfig (key 'plan_timeout_s')
     memory_mb: float = 1024.0  # key 'oracle_memory_mb': the budget an automatic horizon's window stays within
+    # key 'oracle_partitions': planners, each planning the rows that hash to it in its own share of every
+    # trainer's slots (oracle.partitions; docs/oracle.md, "Partitions")
+    partitions: int = 1
 
     def __post_init__(self) -> None:
         _require(self.policy in POLICIES, "policy", f"'{self.policy}' is not one of {', '.join(POLICIES)}")
@@ -130,6 +163,10 @@ class OracleConfig:
         _require(self.batch_size % self.trainers == 0, "batch_size",
                  f"{self.batch_size} is not divisible by trainers={self.trainers}")
         _require(self.max_ahead >= max(1, self.lead), "max_ahead", f"must be >= lead and >= 1, got {self.max_ahead}")
+        _require(isinstance(self.partitions, int) and not isinstance(self.partitions, bool) and self.partitions >= 1,
+                 "oracle_partitions", f"must be an integer >= 1, got {self.partitions!r}")
+        _require(self.partitions <= self.cache_rows, "oracle_partitions",
+                 f"{self.partitions} partitions cannot each own a share of cache_rows = {self.cache_rows}")
 
     @property
     def rules(self):
@@ -251,6 +288,7 @@ class RunConfig:
     lead: int = 2
     horizon: int | str = "auto"  # "auto" (oracle.horizon, docs/oracle.md) or iterations of lookahead
     oracle_memory_mb: float = 1024.0  # what an automatic horizon's window may take in the oracle
+    oracle_partitions: int = 1  # planners over disjoint rows, in threads (docs/oracle.md, "Partitions")
     max_ahead: int = 16
     optimizer: str = "adagrad"
     lr: float = 0.05
@@ -363,7 +401,7 @@ class RunConfig:
             trainers=self.trainers, batch_size=self.batch_size,
             iterations=self.iterations if iterations is None else iterations,
             max_ahead=self.max_ahead, bind=self.oracle_bind, recv_timeout_s=self.plan_timeout_s,
-            memory_mb=self.oracle_memory_mb,
+            memory_mb=self.oracle_memory_mb, partitions=self.oracle_partitions,
         )
 
     def cache_config(self) -> CacheConfig:

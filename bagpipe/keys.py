@@ -72,6 +72,34 @@ def plan_keys(rows: np.ndarray, column_tables: np.ndarray | None, trainers: int)
     return keys
 
 
+ABSENT = -1  # in a partition's view of a batch: a cell whose key another partition plans (oracle.partitions)
+
+
+def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition that plans each key: ``splitmix64(key) % partitions`` (int64, same shape).
+
+    A hash, not the key itself, so that every partition gets a like share of the hot rows
+    whatever the tables' sizes and the rows' numbering."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if partitions == 1:
+        return np.zeros(keys.shape, np.int64)
+    with np.errstate(over="ignore"):
+        return (splitmix64(keys.view(np.uint64)) % np.uint64(partitions)).astype(np.int64)
+
+
+def distinct_rows_per_partition(rows: np.ndarray, trainers: int, partitions: int,
+                                column_tables: np.ndarray | None = None) -> np.ndarray:
+    """How many distinct rows each trainer reads of each partition in one global batch of row ids [B, S]:
+    int64 [trainers, partitions]. Partition p's share of the cache must hold the largest of column p."""
+    keys = batch_keys(rows, column_tables)
+    out = np.zeros((trainers, partitions), np.int64)
+    for t in range(trainers):
+        part = trainer_keys(keys, t, trainers)
+        uniq = np.unique(part[part >= 0])
+        out[t] = np.bincount(partition_of(uniq, partitions), minlength=partitions)
+    return out
+
+
 def trainer_keys(keys: np.ndarray, trainer: int, trainers: int) -> np.ndarray:
     """Trainer ``trainer``'s contiguous share of a global batch's keys (rank r of W reads rows
     [r*B/W, (r+1)*B/W), as ``bagpipe.dataset`` slices them)."""
@@ -81,7 +109,11 @@ def trainer_keys(keys: np.ndarray, trainer: int, trainers: int) -> np.ndarray:
 
 def source_keys(batches, i: int, trainers: int) -> np.ndarray:
     """``plan_keys`` of batch i of a batch source; a source of multi-hot data (``bagpipe.dataset``)
-    says which table each column is (``column_tables``), any other source is one-hot."""
+    says which table each column is (``column_tables``), any other source is one-hot. A source
+    that says ``keys_planned`` (a partition's view, ``oracle.partitions``) gives such keys already,
+    with ``ABSENT`` where another partition plans the cell."""
+    if getattr(batches, "keys_planned", False):
+        return np.asarray(batches[i], dtype=np.int64)
     return plan_keys(np.asarray(batches[i], dtype=np.int64), getattr(batches, "column_tables", None), trainers)
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/oracle_speed.py [--batch-size 4096] [--iterations 30] [--trainers 2]
                                      [--planner fast|reference] [--ack-lag N] [--repeats 3]
+                                     [--partitions 1,2,4,8]
 
 Prints ids planned per second by the ``bagpipe`` policy (the compiled
 planner, or ``--planner reference`` for the pure-Python specification it is
@@ -15,11 +16,18 @@ access pattern (it must not grow with table size).
 By default nobody acknowledges write-backs, so the planner remembers the
 version of every row it ever wrote back; ``--ack-lag N`` acknowledges them N
 iterations behind the plan, as trainers' credits do in a real job.
+
+``--partitions 1,2,4,8`` also plans the trace with each number of
+partitions (``oracle.partitions``: the same cache split into K shares, K
+planners in threads) and prints ids/s for each, its speed-up over one, and
+ids/s per planning thread (ids/s over min(K, cores)), from which the
+scaling on a host with more cores can be read.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import tracemalloc
@@ -30,6 +38,7 @@ import torch
 
 from bagpipe.config import ModelConfig
 from oracle import planner, reference
+from oracle.partitions import PartitionedPlanner
 from trainers.cache import SlotCache, slots_kjt
 from trainers.models import build_dense_model
 
@@ -43,10 +52,10 @@ def zipf_trace(iterations: int, batch: int, tables: int, rows: int, seed: int = 
 
 
 def plan_rate(trace, batch: int, trainers: int, cache_rows: int, impl=planner, ack_lag: int = -1,
-              track_memory: bool = False) -> tuple[float, int]:
+              track_memory: bool = False, partitions: int = 1) -> tuple[float, int]:
     """Ids planned per second over the whole trace (flush included), and the peak traced memory."""
-    cfg = impl.PlannerConfig("bagpipe", cache_rows, 2, 8, trainers, batch, len(trace))
-    plan = impl.Planner(cfg, trace)
+    cfg = impl.PlannerConfig("bagpipe", cache_rows, 2, 8, trainers, batch, len(trace), partitions=partitions)
+    plan = impl.Planner(cfg, trace) if partitions == 1 else PartitionedPlanner(cfg, trace, backend=impl)
     if track_memory:
         tracemalloc.start()
     t0 = time.perf_counter()
@@ -103,6 +112,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="planner runs; the median is compared")
     parser.add_argument("--ack-lag", type=int, default=-1, help="acknowledge write-backs this many iterations "
                         "behind the plan (-1: never)")
+    parser.add_argument("--partitions", default="", help="comma-separated partition counts to compare, e.g. 1,2,4,8")
     args = parser.parse_args()
     impl = planner if args.planner == "fast" else reference
     if impl is planner:
@@ -116,6 +126,18 @@ def main() -> None:
     print(f"planner ({args.planner}): median {planned:,.0f} ids/s of {len(runs)} runs "
           f"({', '.join(f'{r / 1e6:.2f}M' for r in runs)}; {args.trainers} trainers, batch {args.batch_size}, "
           f"{args.tables} tables, {args.iterations} iterations, cache {cache:,} rows, write-backs {acks})")
+    if args.partitions:
+        cores = os.cpu_count() or 1
+        rates = {}
+        for k in (int(x) for x in args.partitions.split(",") if x):
+            runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag, partitions=k)[0]
+                    for _ in range(args.repeats)]
+            rates[k] = float(np.median(runs))
+            base = rates.get(1)
+            print(f"partitions {k}: median {rates[k]:,.0f} ids/s of {len(runs)} runs "
+                  f"({', '.join(f'{r / 1e6:.2f}M' for r in runs)})"
+                  + (f", {rates[k] / base:.2f}x one partition" if base else "")
+                  + f", {rates[k] / min(k, cores):,.0f} ids/s per planning thread ({cores} cores)")
     local = args.batch_size // args.trainers
     for label, model_cfg in (("tiny DLRM, bottom 64-16, top 64-32-1", TINY),
                              ("realistic DLRM, bottom 512-256-64-16, top 512-256-1", REALISTIC)):

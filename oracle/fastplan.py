@@ -615,8 +615,11 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
     Dedups each trainer's share, sorts its distinct keys, links each key's
     previous loaded occurrence to this one, and (bagpipe) moves resident rows
     that had no use in the window from set A to bucket i. ``distinct[t]``
-    receives its number of distinct rows. It touches only trainer t's state,
-    so trainers load at the same time; ``WL[t]`` [5, U] is scratch.
+    receives its number of distinct rows. A negative key is an absent cell
+    (``bagpipe.keys.ABSENT``: a partition's view, where another partition
+    plans that cell): it adds no row and its read slot is -1. It touches only
+    trainer t's state, so trainers load at the same time; ``WL[t]`` [6, U] is
+    scratch.
     """
     U, R, LB, T = C[C_U], C[C_R], C[C_LB], C[C_T]
     bag = C[C_POLICY] == P_BAGPIPE
@@ -625,24 +628,33 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
     shift, mask = _shift_for(hcap), hcap - 1
     sl = i % R
     base = sl * U
-    it, rank, kk, dk, de = WL[t, 0], WL[t, 1], WL[t, 2], WL[t, 3], WL[t, 4]
+    it, rank, kk, dk, de, at = WL[t, 0], WL[t, 1], WL[t, 2], WL[t, 3], WL[t, 4], WL[t, 5]
     E64t, E32t, Ht, Mt = E64[t], E32[t], Hh[t], M[t]
     r0 = t * LB
+    # The present keys, in cell order, and the cell of each (at): absent cells are skipped here,
+    # without a branch (in a partition's view they are a random half, which defeats prediction).
+    m = 0
     for b in range(LB):
         for c in range(T):
-            kk[b * T + c] = rows[r0 + b, c]
+            x = b * T + c
+            key = rows[r0 + b, c]
+            kk[m] = key
+            at[m] = x
+            it[x] = U - 1  # an absent cell's rank sits at U - 1 (step 2), unused when m < U
+            m += key >= 0
     # 1. every occurrence -> its row's entry (created when new), and the distinct rows in order of
     # first occurrence (Y_DSI and de form a sparse set: no clearing). Two look-aheads: the hash cell
     # PF occurrences ahead, then, PF / 2 ahead, the entry that cell names (when the key sits at home).
     nd = 0
     EFSt = EFS[t]
-    for x in range(U):
-        if x + PF < U:
-            _prefetch(Ht, _home(kk[x + PF], shift))
-            q = _home(kk[x + PF // 2], shift)
-            if Ht[q, 0] == kk[x + PF // 2] and Ht[q, 1] > 0:
+    for y in range(m):
+        if y + PF < m:
+            _prefetch(Ht, _home(kk[y + PF], shift))
+            q = _home(kk[y + PF // 2], shift)
+            if Ht[q, 0] == kk[y + PF // 2] and Ht[q, 1] > 0:
                 _prefetch(E64t, Ht[q, 1] - 1)
-        key = kk[x]
+        key = kk[y]
+        x = at[y]
         p = _hfind(Ht, key, shift, mask)
         e = Ht[p, 1] - 1
         if e < 0:
@@ -689,6 +701,8 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
         d = order[s]
         Wu[t, base + s] = de[d]
         rank[d] = s
+    if m < U:
+        rank[U - 1] = -1  # absent cells read nothing (nd <= m < U: no row's rank is there)
     for x in range(U):
         Wi[t, base + x] = rank[it[x]]
     Wn[t, sl] = nd
@@ -1237,7 +1251,8 @@ def _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, first_fid, inst):
     read = np.empty((N, LB, T), np.int32)
     for t in range(N):
         nd = Wn[t, sl]
-        us = np.empty(nd, np.int32)
+        us = np.empty(nd + 1, np.int32)
+        us[nd] = -1  # an absent cell's Wi is -1: us[-1], read slot -1
         gs = np.empty(nd, np.int64)
         E64t, E32t = E64[t], E32[t]
         for s in range(nd):
@@ -1390,7 +1405,7 @@ def advance(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE,
     counts[t, 2] = err
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WNEW, counts, WEVF, WNEWF, new_off):
     """After every trainer's ``advance(k)``: apply the evictions after iteration k-1.
 
@@ -1426,7 +1441,7 @@ def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WNEW, counts, WEVF, WNEW
     return (err, err_t) + _finish(C, k - 1, ev, nev, GE, GM, GFS, Gh, LW, WQ, ST)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def plan_iteration(C, k, E64, E32, M, Wu, Wn, Wi, Gh, GE, GM, GFS, LW, ST, WNEWF, new_off, WJR, WIN):
     """Plan k from the new rows ``finish_step`` merged: fetches and joins, installs, reads and syncs.
 
@@ -1436,7 +1451,7 @@ def plan_iteration(C, k, E64, E32, M, Wu, Wn, Wi, Gh, GE, GM, GFS, LW, ST, WNEWF
     return _plan(C, k, WNEWF, new_off, E64, E32, M, Wu, Wn, Wi, GE, GM, GFS, Gh, LW, ST, WJR, WIN)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def flush(C, after, E64, E32, EFS, Hh, M, S, QL, Gh, GE, GM, GFS, LW, WQ, ST):
     """After the last iteration every cached row is evicted (in the order it was acquired), and written back once.
 

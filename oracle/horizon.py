@@ -68,7 +68,7 @@ def window_bytes(lookups_per_trainer: int, trainers: int, horizon: int, distinct
 
 
 def choose_horizon(batches, cache_rows: int, trainers: int, lead: int, iterations: int,
-                   memory_mb: float) -> HorizonChoice:
+                   memory_mb: float, partitions: int = 1) -> HorizonChoice:
     """The shortest horizon >= ``lead`` whose window holds ``COVER * cache_rows`` distinct rows for
     every trainer, within the memory budget (see the module's docstring).
 
@@ -91,7 +91,8 @@ def choose_horizon(batches, cache_rows: int, trainers: int, lead: int, iteration
         except ValueError:
             last = i  # the planner names the bad batch when it loads it
             break
-        lookups = keys.size // trainers
+        # Every partition's window holds every cell (other partitions' as absent ones): K times the lookups.
+        lookups = keys.size // trainers * partitions
         for t in range(trainers):
             part = np.unique(trainer_keys(keys, t, trainers))
             per_batch[t].append(part)
@@ -145,5 +146,6 @@ def resolve(cfg, batches):
     if cfg.horizon != "auto":
         return cfg, fixed_horizon(cfg.horizon, memory_mb)
     iterations = min(cfg.iterations, len(batches))
-    choice = choose_horizon(batches, cfg.cache_rows, cfg.trainers, cfg.lead, max(iterations, 1), memory_mb)
+    choice = choose_horizon(batches, cfg.cache_rows, cfg.trainers, cfg.lead, max(iterations, 1), memory_mb,
+                            getattr(cfg, "partitions", 1))
     return dataclasses.replace(cfg, horizon=choice.horizon), choice

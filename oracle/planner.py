@@ -32,9 +32,11 @@ from oracle.horizon import resolve as resolve_horizon
 from oracle.staging import stage_fetches
 from bagpipe.config import capacity_message
 from bagpipe.keys import distinct_rows_per_trainer, source_keys
-from oracle.reference import INF, BatchSource, PlanError, PlannerConfig, PlanStats, check_planned
+from oracle.reference import (INF, BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats,
+                              check_planned)
 
-__all__ = ["INF", "BatchSource", "PlanError", "Planner", "PlannerConfig", "PlanStats", "pinned_rows"]
+__all__ = ["INF", "BatchSource", "CapacityError", "PlanError", "Planner", "PlannerConfig", "PlanStats",
+           "pinned_rows"]
 
 # The kernels' counters (fetches_deferred and peak_staged_rows are oracle.staging's).
 _STAT_FIELDS = ("rows_fetched", "rows_joined", "rows_written_back", "rows_synced", "peak_resident_rows")
@@ -149,7 +151,7 @@ class _State:
         self.counts = np.zeros((n, 3), np.int64)  # per trainer: evictions, new rows, error
         self.new_off = np.zeros(n + 1, np.int64)
         # Scratch, reused by every kernel call (fresh buffers would cost page faults at every step).
-        self.WL = np.zeros((n, 5, u), np.int64)
+        self.WL = np.zeros((n, 6, u), np.int64)
         self.WEV = np.zeros((n, 0, 4), np.int64)
         self.WNEW = np.zeros((n, 0, 3), np.int64)  # new rows: entry, slot, key
         self.WEVF = np.zeros((0, 4), np.int64)
@@ -274,8 +276,13 @@ class Planner:
     grows with the window and the cache, never with table size.
     """
 
-    def __init__(self, cfg: PlannerConfig, batches: BatchSource, pinned: list[set[int]] | None = None) -> None:
+    def __init__(self, cfg: PlannerConfig, batches: BatchSource, pinned: list[set[int]] | None = None,
+                 workers: int | None = None) -> None:
         check_planned(cfg)
+        # Threads for the per-trainer kernels and the next batch's loading (default: one per trainer, up to
+        # the cores); 0 runs them in the caller's thread, one after another.
+        cores = os.cpu_count() or 1
+        self.workers = (min(cfg.trainers, cores) if cores > 1 else 0) if workers is None else max(0, workers)
         cfg, self.horizon_choice = resolve_horizon(cfg, batches)
         self.cfg = cfg
         self.batches = batches
@@ -334,8 +341,8 @@ class Planner:
         if self.cfg.rules.bounded:
             for t in range(self.n):
                 if s.distinct[t] > self.cfg.cache_rows:
-                    raise PlanError(capacity_message(self.cfg.cache_rows, t, int(s.distinct[t]), i,
-                                                     self.min_cache_rows()))
+                    raise CapacityError(capacity_message(self.cfg.cache_rows, t, int(s.distinct[t]), i,
+                                                         self.min_cache_rows()), t, int(s.distinct[t]), i)
         self._loaded += 1
 
     def min_cache_rows(self) -> int:
@@ -370,10 +377,14 @@ class Planner:
     # ------------------------------------------------------------- planning
     def plans(self) -> Iterator[tuple[int, list[Plan]]]:
         """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer."""
-        cores = os.cpu_count() or 1
-        self._pool = ThreadPoolExecutor(min(self.n, cores), thread_name_prefix="planner") if cores > 1 else None
+        return stage_fetches(self.on_demand_plans(), self.cfg.fetch_lead, self.stats)
+
+    def on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
+        """The plans with every fetch issued in the iteration that first reads the row (each plan
+        installs exactly the fetches it issues); ``plans()`` moves the fetches ahead."""
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="planner") if self.workers else None
         try:
-            yield from stage_fetches(self._on_demand_plans(), self.cfg.fetch_lead, self.stats)
+            yield from self._on_demand_plans()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -504,13 +515,15 @@ def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
         rows = np.ascontiguousarray(source_keys(batches, i, cfg.trainers), dtype=np.int64)
         for t in range(cfg.trainers):
             uniq = fp.distinct_keys(rows, t * local_b, local_b)
+            uniq = uniq[np.searchsorted(uniq, 0):]  # absent cells (a partition's view) are no row
             per_iter_max[t] = max(per_iter_max[t], len(uniq))
             seen[t].append(uniq)
     pinned = []
     for t in range(cfg.trainers):
         room = cfg.cache_rows - per_iter_max[t]
         if room < 0:
-            raise PlanError(capacity_message(cfg.cache_rows, t, per_iter_max[t], None, max(per_iter_max)))
+            raise CapacityError(capacity_message(cfg.cache_rows, t, per_iter_max[t], None, max(per_iter_max)),
+                                t, per_iter_max[t], None)
         keys, counts = np.unique(np.concatenate(seen[t]) if seen[t] else np.zeros(0, np.int64),
                                  return_counts=True)
         ranked = np.lexsort((keys, -counts))

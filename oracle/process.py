@@ -27,6 +27,7 @@ from bagpipe.wire import (MAX_CONTROL_BYTES, Control, Credit, End, Error, Hello,
                          encode_control, encode_plan)
 import numpy as np
 
+from oracle.partitions import make_planner
 from oracle.planner import BatchSource, Planner, PlanError
 
 log = logging.getLogger("bagpipe")
@@ -73,15 +74,17 @@ class SegmentedPlans:
             hi = cfg.segment_end(lo, iterations)
             self.bounds.append((lo, hi))
             lo = hi
-        self.planner: Planner | None = None
+        self.planner: Planner | None = None  # or an oracle.partitions.PartitionedPlanner
         self.offset = 0
         self.stats: list = []
 
     def plans(self):
         for lo, hi in self.bounds:
             self.offset = lo
-            self.planner = Planner(self.cfg.oracle_config(iterations=hi - lo), _Shifted(self.batches, lo, hi))
-            log.info("iterations %d..%d: %s", lo, hi - 1, self.planner.horizon_choice.line())
+            self.planner = make_planner(self.cfg.oracle_config(iterations=hi - lo), _Shifted(self.batches, lo, hi))
+            parts = self.cfg.oracle_partitions
+            log.info("iterations %d..%d: %s%s", lo, hi - 1, self.planner.horizon_choice.line(),
+                     f"; {parts} partitions planned in threads" if parts > 1 else "")
             for i, plans in self.planner.plans():
                 for p in plans:
                     p.iteration = i + lo
@@ -102,7 +105,8 @@ class SegmentedPlans:
         # What the lookahead took, against its budget (the longest segment's window).
         choice = self.planner.horizon_choice
         window = {"horizon": choice.horizon, "horizon_reason": choice.reason,
-                  "window_mb": round(choice.window_bytes / 2**20, 3), "oracle_memory_mb": choice.memory_mb}
+                  "window_mb": round(choice.window_bytes / 2**20, 3), "oracle_memory_mb": choice.memory_mb,
+                  "oracle_partitions": self.cfg.oracle_partitions}
         if not self.stats:
             self.stats = [dict(vars(s), **window) for s in stats]
             return

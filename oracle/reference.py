@@ -68,6 +68,15 @@ class PlanError(ValueError):
     """The plan cannot be made with this configuration (for example, too small a cache)."""
 
 
+class CapacityError(PlanError):
+    """Trainer ``trainer`` reads ``need`` distinct rows in iteration ``iteration``, more than the cache holds
+    (``oracle.partitions`` names the cache_rows that would do for its partitions)."""
+
+    def __init__(self, message: str, trainer: int, need: int, iteration: int | None) -> None:
+        super().__init__(message)
+        self.trainer, self.need, self.iteration = trainer, need, iteration
+
+
 class BatchSource(Protocol):
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> np.ndarray: ...
@@ -99,8 +108,8 @@ class _IterRows:
     """One iteration's rows, per trainer."""
 
     keys: list[np.ndarray]  # [b, T] int64 per trainer
-    uniq: list[np.ndarray]  # sorted unique keys per trainer
-    inverse: list[np.ndarray]  # positions of keys in uniq, [b, T]
+    uniq: list[np.ndarray]  # sorted unique keys per trainer (absent cells left out)
+    inverse: list[np.ndarray]  # positions of keys in uniq, [b, T]; -1 for an absent cell
 
 
 class _Episode:
@@ -207,12 +216,17 @@ class Planner:
             rows = _IterRows([], [], [])
             for t, c in enumerate(self.caches):
                 part = trainer_keys(keys, t, self.n)
-                uniq, inv = np.unique(part, return_inverse=True)
+                # A negative key is an absent cell (bagpipe.keys.ABSENT): another partition plans it.
+                present = part >= 0
+                uniq, inv = np.unique(part[present], return_inverse=True)
+                inverse = np.full(part.shape, -1, np.int64)
+                inverse[present] = inv.reshape(-1)
                 rows.keys.append(part)
                 rows.uniq.append(uniq)
-                rows.inverse.append(inv.reshape(part.shape))
+                rows.inverse.append(inverse)
                 if len(uniq) > c.capacity and c.bounded:
-                    raise PlanError(capacity_message(c.capacity, t, len(uniq), i, self.min_cache_rows()))
+                    raise CapacityError(capacity_message(c.capacity, t, len(uniq), i, self.min_cache_rows()),
+                                        t, len(uniq), i)
                 for key in uniq.tolist():
                     q = c.uses.get(key)
                     if q is None:
@@ -266,10 +280,11 @@ class Planner:
     # ------------------------------------------------------------- planning
     def plans(self) -> Iterator[tuple[int, list[Plan]]]:
         """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer."""
-        return stage_fetches(self._on_demand_plans(), self.cfg.fetch_lead, self.stats)
+        return stage_fetches(self.on_demand_plans(), self.cfg.fetch_lead, self.stats)
 
-    def _on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
-        """The plans with every fetch issued in the iteration that first reads the row."""
+    def on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
+        """The plans with every fetch issued in the iteration that first reads the row (each plan
+        installs exactly the fetches it issues); ``plans()`` moves the fetches ahead."""
         prev: list[Plan] | None = None
         for k in range(self.iterations):
             self._load(k + self.cfg.horizon)
@@ -390,7 +405,10 @@ class Planner:
                     ep.pending.clear()
                     ep.live = True
                 used_by.setdefault(key, []).append(t)
-            plans[t].read_slots = slots[rows.inverse[t]]
+            inverse = rows.inverse[t]
+            read = np.full(inverse.shape, -1, np.int32)  # an absent cell reads nothing here
+            read[inverse >= 0] = slots[inverse[inverse >= 0]]
+            plans[t].read_slots = read
         # 3. Syncs: rows used now and held by two or more trainers.
         sync_keys = sorted(key for key in used_by if len(self.episodes[key].present) > 1)
         sync: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
@@ -463,6 +481,7 @@ def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
         keys = source_keys(batches, i, cfg.trainers)
         for t in range(cfg.trainers):
             uniq = np.unique(trainer_keys(keys, t, cfg.trainers))
+            uniq = uniq[uniq >= 0]  # absent cells (a partition's view) are no row
             per_iter_max[t] = max(per_iter_max[t], len(uniq))
             c = counts[t]
             for key in uniq.tolist():
@@ -471,7 +490,8 @@ def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:
     for t in range(cfg.trainers):
         room = cfg.cache_rows - per_iter_max[t]
         if room < 0:
-            raise PlanError(capacity_message(cfg.cache_rows, t, per_iter_max[t], None, max(per_iter_max)))
+            raise CapacityError(capacity_message(cfg.cache_rows, t, per_iter_max[t], None, max(per_iter_max)),
+                                t, per_iter_max[t], None)
         ranked = sorted(counts[t].items(), key=lambda kv: (-kv[1], kv[0]))
         pinned.append({key for key, _ in ranked[:room]})
     return pinned

@@ -18,7 +18,8 @@ import numpy as np
 from bagpipe.config import ConfigError
 from bagpipe.keys import source_keys, trainer_keys
 from bagpipe.policies import PLANNED
-from oracle.planner import INF, BatchSource, Planner, PlannerConfig, PlanError
+from oracle.partitions import make_planner
+from oracle.planner import INF, BatchSource, PlannerConfig, PlanError
 
 
 def belady_fetches(batches: BatchSource, batch_size: int, trainers: int, capacity: int,
@@ -80,7 +81,7 @@ def belady_fetches(batches: BatchSource, batch_size: int, trainers: int, capacit
 
 
 def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: int, lead: int, horizon: int | str,
-             iterations: int, policies: list[str], memory_mb: float = 1024.0) -> dict:
+             iterations: int, policies: list[str], memory_mb: float = 1024.0, partitions: int = 1) -> dict:
     report = {}
     for policy in policies:
         t0 = time.perf_counter()
@@ -90,8 +91,8 @@ def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: i
                               "peak_resident_rows": cache_rows, "seconds": time.perf_counter() - t0}
             continue
         cfg = PlannerConfig(policy, cache_rows, lead, horizon if horizon == "auto" else max(horizon, lead),
-                            trainers, batch_size, iterations, memory_mb=memory_mb)
-        planner = Planner(cfg, batches)
+                            trainers, batch_size, iterations, memory_mb=memory_mb, partitions=partitions)
+        planner = make_planner(cfg, batches)
         for _ in planner.plans():
             pass
         st = planner.stats
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizon", type=_horizon, default="auto",
                         help='"auto" (sized to the cache within --oracle-memory-mb) or iterations')
     parser.add_argument("--oracle-memory-mb", type=float, default=1024.0)
+    parser.add_argument("--oracle-partitions", type=int, default=1,
+                        help="planners over disjoint rows, each in its share of the cache (docs/oracle.md)")
     parser.add_argument("--iterations", type=int, default=0, help="0: one epoch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shuffle", default="true", choices=["true", "false"])
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         write_trace(sparse, iterations, args.trace_out)
     try:
         report = simulate(sparse, args.batch_size, args.cache_rows, args.trainers, args.lead, args.horizon,
-                          iterations, policies, args.oracle_memory_mb)
+                          iterations, policies, args.oracle_memory_mb, args.oracle_partitions)
     except (PlanError, ConfigError) as exc:
         print(f"bagpipe simulate: {exc}", file=sys.stderr)
         return 1

@@ -14,11 +14,13 @@ import time
 import numpy as np
 
 from bagpipe.policies import PLANNED
+from oracle.partitions import PartitionedPlanner
 from oracle.planner import Planner, PlannerConfig
 
 
 def warm_up() -> float:
-    """Plan a tiny trace with every planned policy and two trainers; returns the seconds it took."""
+    """Plan a tiny trace with every planned policy and two trainers, then in two partitions (the split and
+    merge kernels of ``oracle.partitions``); returns the seconds it took."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     trace = [rng.integers(0, 50, size=(8, 3)) for _ in range(6)]
@@ -26,6 +28,8 @@ def warm_up() -> float:
         cfg = PlannerConfig(policy, 200, 1, 3, 2, 8, len(trace))
         for _ in Planner(cfg, trace).plans():
             pass
+    for _ in PartitionedPlanner(PlannerConfig("bagpipe", 200, 1, 3, 2, 8, len(trace), partitions=2), trace).plans():
+        pass
     return time.perf_counter() - t0
 
 

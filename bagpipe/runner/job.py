@@ -26,9 +26,10 @@ import numpy as np
 
 from bagpipe.auth import AuthError, new_secret, read_secret, redis_password, split_url_password, write_secret
 from bagpipe.checkpoint import CheckpointError
-from bagpipe.config import ConfigError, RunConfig, add_set_argument, capacity_message
+from bagpipe.config import (ConfigError, RunConfig, add_set_argument, capacity_message, partition_capacity_message,
+                            partition_shares, smallest_partitioned_cache)
 from bagpipe.dataset import Dataset, DatasetError
-from bagpipe.keys import distinct_rows_per_trainer
+from bagpipe.keys import distinct_rows_per_partition, distinct_rows_per_trainer
 from bagpipe.log import init_logger
 from bagpipe.placement import plan_placement
 from bagpipe.procs import child_setup, free_port
@@ -167,14 +168,30 @@ def _check_data(cfg: RunConfig) -> int:
             evals[j]
     # Bounded policies: a trainer's whole batch may not fit, so count what the first batches need.
     cfg.model_config().pooling_per_table(len(dataset.tables))  # one pooling, or one per table
-    bounded = rules.planned and rules.bounded and cfg.cache_rows < cfg.local_batch * len(dataset.column_tables)
+    k = cfg.oracle_partitions
+    # With partitions, one partition's rows may overflow its share while the batch fits the whole cache.
+    bounded = rules.planned and rules.bounded and (k > 1 or
+                                                  cfg.cache_rows < cfg.local_batch * len(dataset.column_tables))
     worst = (0, 0, 0)  # (distinct rows, trainer, iteration)
+    shares = partition_shares(cfg.cache_rows, k)
+    most = np.zeros(k, np.int64)  # per partition, the most one trainer reads in one iteration
+    over = None  # (partition, trainer, rows, iteration): the first share found too small
     for i in range(min(iterations, PREFLIGHT_BATCHES)):
         batch = sparse[i]  # read, and so checked, whatever the policy
-        if bounded:
+        if bounded and k == 1:
             counts = distinct_rows_per_trainer(batch, cfg.trainers, dataset.column_tables)
             t = int(np.argmax(counts))
             worst = max(worst, (int(counts[t]), -t, -i))
+        elif bounded:
+            counts = distinct_rows_per_partition(batch, cfg.trainers, k, dataset.column_tables)  # [trainers, k]
+            most = np.maximum(most, counts.max(axis=0))
+            if over is None and (counts > np.array(shares)).any():
+                t, p = (int(x[0]) for x in np.nonzero(counts > np.array(shares)))
+                over = (p, t, int(counts[t, p]), i)
+    if over is not None:
+        p, t, need, i = over
+        raise ConfigError(partition_capacity_message(cfg.cache_rows, k, p, shares[p], t, need, i,
+                                                     smallest_partitioned_cache(most.tolist()), at_least=True))
     need, t, i = worst[0], -worst[1], -worst[2]
     if bounded and cfg.cache_rows < need:
         raise ConfigError(capacity_message(cfg.cache_rows, t, need, i, need, at_least=True))
