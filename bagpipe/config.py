@@ -165,7 +165,8 @@ class OracleConfig:
         _require(self.max_ahead >= max(1, self.lead), "max_ahead", f"must be >= lead and >= 1, got {self.max_ahead}")
         _require(isinstance(self.partitions, int) and not isinstance(self.partitions, bool) and self.partitions >= 1,
                  "oracle_partitions", f"must be an integer >= 1, got {self.partitions!r}")
-        _require(self.partitions <= self.cache_rows, "oracle_partitions",
+        # cache_rows < 1 is CacheConfig's to name (key 'cache_rows'), not a partition problem.
+        _require(self.cache_rows < 1 or self.partitions <= self.cache_rows, "oracle_partitions",
                  f"{self.partitions} partitions cannot each own a share of cache_rows = {self.cache_rows}")
 
     @property
