@@ -364,8 +364,8 @@ def convert(cfg: MlperfConfig) -> dict:
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         _check_out(cfg)  # again: nothing may have appeared there meanwhile
-        from data.prepare import _replace_dir
-        _replace_dir(tmp, cfg.out)
+        from data.prepare import replace_dir
+        replace_dir(tmp, cfg.out)
     except BaseException:
         for w in writers.values():
             if w is not None:

@@ -897,7 +897,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         meta = _meta(cfg, lay, encoder, writers, bad, tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         check_out(cfg)  # again: nothing may have appeared there during the passes
-        _replace_dir(tmp, cfg.out)
+        replace_dir(tmp, cfg.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -951,7 +951,7 @@ def check_out(cfg: PrepareConfig) -> None:
         raise PrepareError(f"--out {out}: already holds a prepared dataset; pass --replace to replace it")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` to ``out``, replacing what was there (``check_out`` allowed it)."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
@@ -1049,9 +1049,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_mlperf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    for opt in ("hash_buckets", "min_frequency"):
+    for opt in ("hash_buckets", "min_frequency", "bag_separator", "bags"):
         if getattr(args, opt) is not None:
-            parser.error(f"--{opt.replace('_', '-')}: not for --format {mlperf.FORMAT} (its ids are kept as they are)")
+            parser.error(f"--{opt.replace('_', '-')}: not for --format {mlperf.FORMAT} (its ids and bags are kept "
+                         "as the files hold them)")
     try:
         cfg = mlperf.MlperfConfig(tuple(args.input), args.out, mlperf.parse_num_embeddings(args.num_embeddings),
                                   args.eval_fraction, args.rows_per_group, args.replace)

@@ -96,6 +96,8 @@ def test_bad_input_is_named_by_file_array_and_row(tmp_path):
 
     r = _prepare("--input", str(npz), "--out", str(out), "--hash-buckets", "10")
     assert r.returncode == 2 and "--hash-buckets: not for --format mlperf-npz" in r.stderr
+    r = _prepare("--input", str(npz), "--out", str(out), "--bags", "3")
+    assert r.returncode == 2 and "--bags: not for --format mlperf-npz" in r.stderr
 
 
 def test_a_truncated_member_is_refused(tmp_path):
