@@ -160,6 +160,17 @@ def _table(report: dict) -> list[str]:
                      f"{r.get('ratio_to_local', float('nan')):.2f} | {r.get('ratio_to_torchrec', float('nan')):.2f} | "
                      f"{r.get('ratio_to_none', float('nan')):.2f} | {r['stall_s']:.2f} | {r['rows_fetched']} | "
                      f"{r['rows_written_back']} | {rss:.0f} | {ms} |")
+    local = report["policies"].get("local")
+    if local and local["samples_per_s"] > 0:
+        local_ms = 1000 * s["batch_size"] / local["samples_per_s"]
+        lines += ["", f"Trainer overhead (plan + install + evict, steady means) against `local`'s {local_ms:.1f} ms "
+                      f"iteration:", ""]
+        for p, r in report["policies"].items():
+            if p in ("local", PEER):
+                continue
+            t = r.get("trainer_phase_s", {})
+            over = 1000 * sum(t.get(k, 0.0) for k in ("plan", "install", "evict"))
+            lines.append(f"- {p}: {over:.1f} ms, {100 * over / local_ms:.1f}%")
     return lines
 
 

@@ -57,7 +57,7 @@ def train_peer(cfg: RunConfig) -> dict:
                                       optimizer_kwargs={"lr": cfg.lr, "eps": cfg.eps}, device=torch.device("cpu"))
     dense_opt = torch.optim.Adagrad(model.parameters(), lr=cfg.dense_lr)
     batches = BatchPrefetcher(reader, iterations - 1)
-    ended, phases = [], {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    ended, phases = [], {"forward": [], "backward": [], "optimizer": []}
     started = time.perf_counter()
     try:
         for i in range(iterations):
@@ -72,9 +72,9 @@ def train_peer(cfg: RunConfig) -> dict:
             t2 = time.perf_counter()
             dense_opt.step()
             t3 = time.perf_counter()
-            phases["forward"] += t1 - t0
-            phases["backward"] += t2 - t1
-            phases["optimizer"] += t3 - t2
+            phases["forward"].append(t1 - t0)
+            phases["backward"].append(t2 - t1)
+            phases["optimizer"].append(t3 - t2)
             ended.append(time.perf_counter() - started)
     finally:
         batches.close()
@@ -85,7 +85,8 @@ def train_peer(cfg: RunConfig) -> dict:
             "samples_per_s_steady": steady, "warmup_iterations": warm, "stall_s": 0.0, "rows_fetched": 0,
             "rows_written_back": 0, "eval_auc": None, "train_logloss": float(loss.detach()), "stall_per_iteration": [],
             "peak_rss_bytes": {"trainer0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-            "trainer_phase_s": {k: v / iterations for k, v in phases.items()}, "threads": torch.get_num_threads()}
+            # Steady means, as the runner reports them for the other policies.
+            "trainer_phase_s": {k: sum(v[warm:]) / max(1, len(v) - warm) for k, v in phases.items()}, "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:

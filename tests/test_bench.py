@@ -50,3 +50,14 @@ def test_link_mode_puts_the_shards_behind_a_real_rate_limited_link(small_criteo,
     assert all(url.startswith("redis://10.214.") for url in link["shards"])
     assert report["bagpipe"]["rows_fetched"] > 0
     assert "a real veth link" in (out / "report.md").read_text()
+
+
+def test_phase_timers_leave_the_warmup_out():
+    """The first plan waits for the oracle to start; the reported phase means are the steady
+    ones (the span of samples_per_s_steady), the slowest rank's."""
+    from bagpipe.runner.job import steady_phase_means
+
+    ranks = [{"phase_s_each_iteration": {"plan": [5.0] + [0.125] * 9, "install": [0.5] * 10}},
+             {"phase_s_each_iteration": {"plan": [0.0] + [0.25] * 9, "install": [0.25] * 10}}]
+    means = steady_phase_means(ranks, 1)
+    assert means["plan"] == 0.25 and means["install"] == 0.5

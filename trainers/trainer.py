@@ -100,6 +100,9 @@ class Meters:
     loss_sum: float = 0.0
     loss_n: int = 0
     phase_s: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})  # seconds per phase, summed
+    # Seconds per phase, one entry per iteration: the runner reports the steady-state mean from
+    # these (the first plan waits for the oracle to start, which a whole-run mean would smear).
+    phase_per_iteration: dict = field(default_factory=lambda: {p: [] for p in PHASES})
     loss_per_iteration: list = field(default_factory=list)
     stall_per_iteration: list = field(default_factory=list)
     ended_at: list = field(default_factory=list)
@@ -114,8 +117,10 @@ class Meters:
         self.loss_n += 1
         t = result.times
         self.phase_s["plan"] += plan_s
+        self.phase_per_iteration["plan"].append(plan_s)
         for phase, seconds in t.items():
             self.phase_s[phase] += seconds
+            self.phase_per_iteration[phase].append(seconds)
         self.compute_s += t["forward"] + t["backward"] + t["combine"] + t["optimizer"]
         self.comm_s += t["join"] + t["combine"]
 
@@ -285,6 +290,7 @@ class Trainer:
                 "rows_fetched": m.rows_fetched, "rows_written_back": m.rows_written_back,
                 "train_logloss": m.loss_sum / m.loss_n if m.loss_n else None,  # None: a resume that only finished
                 "phase_s_per_iteration": {p: s / ran for p, s in m.phase_s.items()},
+                "phase_s_each_iteration": m.phase_per_iteration,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "stall_per_iteration": m.stall_per_iteration, "ended_at": m.ended_at,
                 "loss_per_iteration": m.loss_per_iteration, "threads": torch.get_num_threads()}

@@ -575,6 +575,16 @@ def _failed(c: Child, trainers: Child) -> bool:
     return rc is not None and (rc != 0 or (c is not trainers and c.name != "oracle"))
 
 
+def steady_phase_means(ranks: list[dict], warm: int) -> dict[str, float]:
+    """Seconds per iteration in each phase of a step (trainers.step.PHASES), the slowest rank's,
+    over the iterations after the first ``warm``: the same span as ``samples_per_s_steady``."""
+    means = {}
+    for phase in ranks[0]["phase_s_each_iteration"]:
+        per_rank = [r["phase_s_each_iteration"][phase][warm:] for r in ranks]
+        means[phase] = max((sum(s) / len(s) if s else 0.0) for s in per_rank)
+    return means
+
+
 def _merge_metrics(cfg: RunConfig, ranks: list[dict], run: RunDir, wall_s: float) -> dict:
     ranks = sorted(ranks, key=lambda r: r["rank"])
     if [r["rank"] for r in ranks] != list(range(cfg.trainers)):
@@ -609,8 +619,10 @@ def _merge_metrics(cfg: RunConfig, ranks: list[dict], run: RunDir, wall_s: float
         "peak_rss_bytes": {f"trainer{r['rank']}": r["peak_rss_bytes"] for r in ranks},
         "stall_per_iteration": ranks[0]["stall_per_iteration"],
         # The slowest rank's seconds per iteration in each phase of a step (trainers.step.PHASES).
-        "trainer_phase_s": {p: max(r["phase_s_per_iteration"][p] for r in ranks)
-                            for p in ranks[0]["phase_s_per_iteration"]},
+        "trainer_phase_s": steady_phase_means(ranks, warm),
+        # The same over every iteration of this launch, the first plan's wait for the oracle included.
+        "trainer_phase_s_all": {p: max(r["phase_s_per_iteration"][p] for r in ranks)
+                                for p in ranks[0]["phase_s_per_iteration"]},
     }
     run.write_metrics(metrics)
     if metrics["train_logloss"] is not None and not math.isfinite(metrics["train_logloss"]):
