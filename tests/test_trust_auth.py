@@ -165,29 +165,104 @@ def _listening_addresses(port: int) -> list[str]:
     return [line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.split()[3].endswith(f":{port}")]
 
 
+def _open_in_background(master: Rendezvous, job: object, nnodes: int) -> threading.Thread:
+    opener = threading.Thread(target=master.open, args=(job, nnodes), daemon=True)
+    opener.start()
+    return opener
+
+
 def test_rendezvous_is_bound_to_its_host_and_unreadable_without_the_secret(tmp_path):
     secret = write_secret(tmp_path / "secret")
     port = free_port("127.0.0.1")
     master = Rendezvous("127.0.0.1", port, True, 5.0, secret)
     job = {"config": {"data": "/the/users/private/dataset"}, "job_id": "0123abcd"}
-    master.publish("job", job)
+    opener = _open_in_background(master, job, 2)
+    node1 = Rendezvous("127.0.0.1", port, False, 5.0, secret, node_rank=1)
+    assert node1.join() == job
+    opener.join(5)
     master.publish("endpoints", {"oracle": "tcp://127.0.0.1:5555", "redis": ["redis://127.0.0.1:6379/0"]})
+    assert node1.get("endpoints")["oracle"] == "tcp://127.0.0.1:5555"
     assert _listening_addresses(port) == ["127.0.0.1"]
     from torch.distributed import TCPStore
 
     stranger = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
-    for key in ("job", "endpoints"):
+    for key in ("job/1", "endpoints"):
         raw = stranger.get(key)
         assert b"private" not in raw and b"tcp://" not in raw and b"redis://" not in raw and b"0123abcd" not in raw
         with pytest.raises(ValueError):
             json.loads(raw)
-    # A node with the secret reads it; one with another secret, or a value a stranger planted, is refused.
-    assert Rendezvous("127.0.0.1", port, False, 5.0, secret).get("job") == job
-    with pytest.raises(RendezvousError, match=f"127.0.0.1:{port}.*'job' does not authenticate.*--secret-file"):
-        Rendezvous("127.0.0.1", port, False, 5.0, b"x" * 32).get("job")
+    # A node with another secret, or a value a stranger planted, is refused.
+    with pytest.raises(RendezvousError, match=f"127.0.0.1:{port}.*'job/1' does not authenticate.*--secret-file"):
+        other = Rendezvous("127.0.0.1", port, False, 5.0, b"x" * 32, node_rank=1)
+        other.nonce = node1.nonce  # even knowing the nonce node 1 sent
+        other.join()
     stranger.set("endpoints", json.dumps({"oracle": "tcp://evil:1"}))
     with pytest.raises(RendezvousError, match="'endpoints' does not authenticate"):
         master.get("endpoints")
+
+
+def test_values_sealed_in_an_earlier_launch_are_refused(tmp_path):
+    """One job.secret for several launches (the multi-node setup): a value recorded from an earlier
+    launch's store and replayed into this one's is refused, the job description included."""
+    from torch.distributed import TCPStore
+
+    secret = write_secret(tmp_path / "secret")
+    recorded = {}
+    for launch in ("earlier", "now"):
+        port = free_port("127.0.0.1")
+        master = Rendezvous("127.0.0.1", port, True, 5.0, secret)
+        stranger = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
+        node1 = Rendezvous("127.0.0.1", port, False, 5.0, secret, node_rank=1)
+        if launch == "earlier":
+            opener = _open_in_background(master, {"launch": launch}, 2)
+            assert node1.join() == {"launch": "earlier"}
+            opener.join(5)
+            master.publish("endpoints", {"oracle": "tcp://10.0.0.1:5555"})
+            node1.publish("shards/1", {"urls": ["redis://10.0.0.2:6379/0"]})
+            recorded = {k: stranger.get(k) for k in ("job/1", "endpoints", "shards/1")}
+            continue
+        # This launch: the stranger plants the earlier job for node 1 before node 0 hands out its own.
+        stranger.set("job/1", recorded["job/1"])
+        with pytest.raises(RendezvousError, match="'job/1' does not authenticate.*another launch"):
+            node1.join()
+        opener = _open_in_background(master, {"launch": launch}, 2)
+        opener.join(5)
+        assert node1.join() == {"launch": "now"}
+        stranger.set("endpoints", recorded["endpoints"])
+        with pytest.raises(RendezvousError, match="'endpoints' does not authenticate"):
+            node1.get("endpoints")
+        stranger.set("shards/1", recorded["shards/1"])
+        with pytest.raises(RendezvousError, match="'shards/1' does not authenticate"):
+            master.get("shards/1")
+
+
+def test_what_the_ranks_exchange_on_torchruns_store_is_sealed(tmp_path):
+    """torchrun's store takes anyone; what the process group puts there (gloo's addresses, nccl's id)
+    goes through SealedStore: ciphertext to a stranger, a planted or earlier launch's value refused.
+    (Two gloo ranks over it: every two-trainer job in the suite.)"""
+    from torch.distributed import TCPStore
+
+    from bagpipe.rendezvous import SealedStore
+
+    secret = write_secret(tmp_path / "secret")
+    port = free_port("127.0.0.1")
+    server = TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
+    sealed = SealedStore(server, secret, "session-now", attempt=0)
+    sealed.set("0//cpu//0/0", b"10.0.0.7:41234 the address")
+    assert sealed.get("0//cpu//0/0") == b"10.0.0.7:41234 the address"
+    stranger = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
+    raw = stranger.get("bagpipe/session-now/0/0//cpu//0/0")
+    assert b"10.0.0.7" not in raw
+    assert sealed.add("counter", 2) == 2 and sealed.get("counter") == b"2"  # counters pass, as text
+    stranger.set("bagpipe/session-now/0/0//cpu//0/1", b"6.6.6.6:1")
+    with pytest.raises(RendezvousError, match="'0//cpu//0/1' does not authenticate"):
+        sealed.get("0//cpu//0/1")
+    # Another launch (or restart) of the same job: the same key, another session or attempt.
+    earlier = SealedStore(server, secret, "session-earlier", attempt=0)
+    earlier.set("0//cpu//0/2", b"1.2.3.4:5")
+    stranger.set("bagpipe/session-now/0/0//cpu//0/2", stranger.get("bagpipe/session-earlier/0/0//cpu//0/2"))
+    with pytest.raises(RendezvousError, match="'0//cpu//0/2' does not authenticate"):
+        sealed.get("0//cpu//0/2")
 
 
 def test_url_passwords_are_split_off():
@@ -306,8 +381,8 @@ MASTER = """
 import sys, time
 from bagpipe.rendezvous import Rendezvous
 r = Rendezvous("127.0.0.1", int(sys.argv[1]), True, 30.0, bytes.fromhex(sys.argv[2]))
-r.publish("job", {"ok": 1})
 print("ready", flush=True)
+r.open({"ok": 1}, 2)
 time.sleep(600)
 """
 
@@ -325,8 +400,8 @@ def test_a_node_whose_master_goes_silent_stops_naming_it(tmp_path):
                               text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         assert master.stdout.readline().strip() == "ready"
-        node1 = Rendezvous("127.0.0.1", port, False, 120.0, secret)  # the join timeout is long
-        assert node1.get("job") == {"ok": 1}
+        node1 = Rendezvous("127.0.0.1", port, False, 120.0, secret, node_rank=1)  # the join timeout is long
+        assert node1.join() == {"ok": 1}
         os.kill(master.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(RendezvousError, match=f"lost the rendezvous store at 127.0.0.1:{port}"):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bagpipe.auth import AuthError, read_secret
 from bagpipe.checkpoint import Checkpoints, fingerprint, load_manifest, read_rows
 from bagpipe.config import RunConfig
 from bagpipe.dataset import Dataset
@@ -31,6 +32,7 @@ from bagpipe.log import init_logger
 from bagpipe.metrics import evaluation
 from bagpipe.placement import Placement
 from bagpipe.procs import die_with_parent
+from bagpipe.rendezvous import SESSION_ENV, RendezvousError, trainers_store
 from bagpipe.rundir import RunDir
 from trainers.cache import BagLayout, SlotCache
 from trainers.embeddings import CachedEmbeddings, Embeddings, LocalEmbeddings
@@ -399,8 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         from datetime import timedelta
 
         # A peer across a cut link fails the collective within the plan timeout, not gloo's 30 minutes.
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=cfg.plan_timeout_s))
+        backend, timeout = "nccl" if device.type == "cuda" else "gloo", timedelta(seconds=cfg.plan_timeout_s)
+        session = os.environ.get(SESSION_ENV)
+        if session:  # started by the job runner: what the ranks exchange on torchrun's store is sealed
+            try:
+                store = trainers_store(read_secret(run.secret_path), session, cfg.plan_timeout_s)
+            except (AuthError, RendezvousError) as exc:
+                log.error("rank %d failed: %s", rank, exc)
+                return 1
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:  # torchrun by hand: its store as it is
+            dist.init_process_group(backend=backend, timeout=timeout)
     comm = DistCommunicator() if world > 1 else SoloCommunicator()
     trainer = None
     try:

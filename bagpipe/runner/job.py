@@ -33,7 +33,7 @@ from bagpipe.keys import distinct_rows_per_partition, distinct_rows_per_trainer
 from bagpipe.log import init_logger
 from bagpipe.placement import plan_placement
 from bagpipe.procs import child_setup, free_port
-from bagpipe.rendezvous import Rendezvous, RendezvousError
+from bagpipe.rendezvous import SESSION_ENV, Rendezvous, RendezvousError
 from bagpipe.rundir import RunDir, RunDirError
 from bagpipe.runner.curves import write_curves
 from bagpipe.servers import ServersError
@@ -291,7 +291,7 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
     password = store_cfg.password or url_password or redis_password(secret)
     child_env = dict(os.environ, **{store_cfg.password_env: password})
     rdzv_port = launch.rendezvous_port or (free_port(launch.master_addr) if single else launch.master_port + 1)
-    rdzv = Rendezvous(launch.master_addr, rdzv_port, master, launch.join_timeout_s, secret)
+    rdzv = Rendezvous(launch.master_addr, rdzv_port, master, launch.join_timeout_s, secret, launch.node_rank)
     node = f"node {launch.node_rank}"
     servers = None
     children: list[Child] = []
@@ -304,13 +304,15 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             # Written once the run directory is known to be this job's: a refused resume touches nothing.
             write_secret(run.secret_path, secret)  # owner-only, this launch's
             job = {"config": cfg.to_dict(), "job_id": run.job_id(), "start": start}
-            rdzv.publish("job", job)
+            rdzv.open(job, launch.nnodes)  # this launch's session; every node gets the job sealed for it
         else:
-            job = rdzv.get("job", who=f"the job description from node 0 ({launch.master_addr})")
+            job = rdzv.join(who=f"the job description from node 0 ({launch.master_addr})")
             cfg = RunConfig.from_dict(job["config"])
             start = job["start"]
             _write_run_files(run, cfg, job["job_id"])
             write_secret(run.secret_path, secret)
+        # The trainers seal what they exchange on torchrun's store with the secret, for this launch.
+        child_env[SESSION_ENV] = rdzv.session
         # Which cores this node's trainers and its other processes run on (bagpipe.placement).
         nproc = launch.nproc_per_node or cfg.trainers
         placement = plan_placement(cfg.cpu_placement, nproc)
@@ -459,7 +461,7 @@ def _wait_finished(rdzv: Rendezvous, launch: LaunchConfig) -> None:
         if failed:
             raise JobError(failed)
         time.sleep(0.2)
-    raise JobError(f"node 0 did not finish within {deadline:g}s after this node's trainers")
+    raise JobError(f"node 0 did not finish within {max(launch.join_timeout_s, 600.0):g}s after this node's trainers")
 
 
 # Error lines that only report that another process failed first (a peer gone from the collective,
