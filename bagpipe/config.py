@@ -149,6 +149,9 @@ class OracleConfig:
     # key 'oracle_partitions': planners, each planning the rows that hash to it in its own share of every
     # trainer's slots (oracle.partitions; docs/oracle.md, "Partitions")
     partitions: int = 1
+    # key 'oracle_workers': processes besides the oracle that plan partitions (partition p is planned by
+    # process p % (workers + 1), 0 the oracle) and stream them to it (oracle.workers; docs/oracle.md)
+    workers: int = 0
 
     def __post_init__(self) -> None:
         _require(self.policy in POLICIES, "policy", f"'{self.policy}' is not one of {', '.join(POLICIES)}")
@@ -165,6 +168,11 @@ class OracleConfig:
         _require(self.max_ahead >= max(1, self.lead), "max_ahead", f"must be >= lead and >= 1, got {self.max_ahead}")
         _require(isinstance(self.partitions, int) and not isinstance(self.partitions, bool) and self.partitions >= 1,
                  "oracle_partitions", f"must be an integer >= 1, got {self.partitions!r}")
+        _require(isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 0,
+                 "oracle_workers", f"must be an integer >= 0, got {self.workers!r}")
+        _require(self.workers < self.partitions, "oracle_workers",
+                 f"{self.workers} worker process(es) need oracle_partitions >= {self.workers + 1} (one partition "
+                 f"each, and one for the oracle), got oracle_partitions = {self.partitions}")
         # cache_rows < 1 is CacheConfig's to name (key 'cache_rows'), not a partition problem.
         _require(self.cache_rows < 1 or self.partitions <= self.cache_rows, "oracle_partitions",
                  f"{self.partitions} partitions cannot each own a share of cache_rows = {self.cache_rows}")
@@ -290,6 +298,7 @@ class RunConfig:
     horizon: int | str = "auto"  # "auto" (oracle.horizon, docs/oracle.md) or iterations of lookahead
     oracle_memory_mb: float = 1024.0  # what an automatic horizon's window may take in the oracle
     oracle_partitions: int = 1  # planners over disjoint rows, in threads (docs/oracle.md, "Partitions")
+    oracle_workers: int = 0  # processes besides the oracle that plan some of the partitions (docs/oracle.md)
     max_ahead: int = 16
     optimizer: str = "adagrad"
     lr: float = 0.05
@@ -402,7 +411,7 @@ class RunConfig:
             trainers=self.trainers, batch_size=self.batch_size,
             iterations=self.iterations if iterations is None else iterations,
             max_ahead=self.max_ahead, bind=self.oracle_bind, recv_timeout_s=self.plan_timeout_s,
-            memory_mb=self.oracle_memory_mb, partitions=self.oracle_partitions,
+            memory_mb=self.oracle_memory_mb, partitions=self.oracle_partitions, workers=self.oracle_workers,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -62,11 +62,12 @@ from oracle.staging import stage_fetches
 __all__ = ["PartitionedPlanner", "make_planner"]
 
 
-def make_planner(cfg: PlannerConfig, batches: BatchSource):
-    """The planner for ``cfg``: the plain compiled one for one partition, else a ``PartitionedPlanner``."""
+def make_planner(cfg: PlannerConfig, batches: BatchSource, remote: dict | None = None):
+    """The planner for ``cfg``: the plain compiled one for one partition, else a ``PartitionedPlanner``
+    (``remote``: the partitions other processes plan, ``oracle.workers``)."""
     if cfg.partitions == 1:
         return fast.Planner(cfg, batches)
-    return PartitionedPlanner(cfg, batches)
+    return PartitionedPlanner(cfg, batches, remote=remote)
 
 
 # ------------------------------------------------------------ kernels (numba, no GIL)
@@ -120,8 +121,9 @@ class _Split:
     most); one dropped for room and asked again (``static``'s counting pass) is read again.
     """
 
-    def __init__(self, batches: BatchSource, trainers: int, partitions: int, keep: int) -> None:
+    def __init__(self, batches: BatchSource, trainers: int, partitions: int, keep: int, takers: int | None = None) -> None:
         self.batches, self.trainers, self.partitions, self.keep = batches, trainers, partitions, keep
+        self.takers = partitions if takers is None else takers  # the partitions planned in this process
         self._lock = threading.Lock()
         self._recent: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._taken: dict[int, set[int]] = {}  # batch -> the partitions that have taken it
@@ -145,7 +147,7 @@ class _Split:
                     del self._taken[old]
             taken = self._taken[i]
             taken.add(partition)
-            if len(taken) == self.partitions:
+            if len(taken) == self.takers:
                 del self._recent[i], self._taken[i]
             return got
 
@@ -176,7 +178,10 @@ class PartitionedPlanner:
     docstring. ``backend`` is the planner module each partition uses (``oracle.planner``, or
     ``oracle.reference`` for the differential test)."""
 
-    def __init__(self, cfg: PlannerConfig, batches: BatchSource, backend=fast, workers: int | None = None) -> None:
+    def __init__(self, cfg: PlannerConfig, batches: BatchSource, backend=fast, workers: int | None = None,
+                 local: list[int] | None = None, remote: dict | None = None) -> None:
+        """``local``: the partitions planned here (all but ``remote``'s when None); ``remote``: partition ->
+        a stream of its on-demand plans planned elsewhere (``oracle.workers.RemotePartition``)."""
         check_planned(cfg)
         # One horizon for every partition, chosen on the whole batches: a partition sees 1/K of the rows
         # with 1/K of the slots, so the same window covers its share as well.
@@ -190,11 +195,21 @@ class PartitionedPlanner:
         self.stats = [PlanStats() for _ in range(self.n)]
         self.wb_applied_through = -1
         cores = os.cpu_count() or 1
-        self.workers = min(self.k, cores) if workers is None else workers  # partition threads (0: here)
-        split = _Split(batches, self.n, self.k, keep=cfg.horizon + 4)
+        remote = dict(remote or {})
+        self.local = sorted(set(range(self.k)) - set(remote) if local is None else local)
+        if set(self.local) & set(remote) or not set(self.local) <= set(range(self.k)):
+            raise AssertionError(f"partitions {self.local} here and {sorted(remote)} elsewhere (internal error)")
+        self.workers = min(len(self.local), cores) if workers is None else workers
+        split = _Split(batches, self.n, self.k, keep=cfg.horizon + 4, takers=len(self.local))
         self.parts = []
         for p, share in enumerate(self.shares):
-            part_cfg = dataclasses.replace(cfg, cache_rows=share, partitions=1)
+            if p in remote:
+                self.parts.append(remote[p])
+                continue
+            if p not in self.local:
+                self.parts.append(None)  # another process plans it, and this one does not merge
+                continue
+            part_cfg = dataclasses.replace(cfg, cache_rows=share, partitions=1, workers=0)
             try:
                 if backend is fast:
                     # The cores left per partition go to its trainers' kernels.
@@ -216,39 +231,53 @@ class PartitionedPlanner:
         """Write-backs after iterations <= ``through_iteration`` have landed (trainer acks)."""
         self.wb_applied_through = max(self.wb_applied_through, through_iteration)
         for part in self.parts:
-            part.note_writebacks_applied(through_iteration)
+            if part is not None:
+                part.note_writebacks_applied(through_iteration)
 
     def min_cache_rows(self) -> int:
         """The smallest capacity that can run with these partitions (``smallest_partitioned_cache``)."""
         return smallest_partitioned_cache(self._most_per_partition())
 
     def state_rows(self) -> int:
-        return sum(part.state_rows() for part in self.parts)
+        """Rows of planner state in this process (partitions planned elsewhere count there)."""
+        return sum(self.parts[p].state_rows() for p in self.local)
 
     def state_nbytes(self) -> int:
-        return sum(part.state_nbytes() for part in self.parts)
+        return sum(self.parts[p].state_nbytes() for p in self.local)
 
     # ---------------------------------------------------------- planning
     def on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
         """The merged plans, every fetch installed by the plan that issues it."""
-        streams = [part.on_demand_plans() for part in self.parts]
+        if any(part is None for part in self.parts):
+            raise AssertionError("a planner of some partitions only cannot merge (internal error)")
+        for k, got in self._lockstep(range(self.k)):
+            yield k, self._merge(k, got)
+
+    def partition_plans(self) -> Iterator[tuple[int, list[list[Plan]]]]:
+        """Per iteration, the on-demand plans of each partition planned here (in ``self.local``'s order),
+        unmerged: what a worker process streams to the oracle (``oracle.workers``)."""
+        return self._lockstep(self.local)
+
+    def _lockstep(self, which: list[int]) -> Iterator[tuple[int, list[list[Plan]]]]:
+        """Iteration by iteration, each partition in ``which`` one step (the local ones in threads)."""
+        streams = {p: self.parts[p].on_demand_plans() for p in which}
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="partition") if self.workers else None
         try:
             for k in range(self.iterations):
                 if pool is None:
-                    got = [self._next(p, s) for p, s in enumerate(streams)]
+                    got = [self._next(p, streams[p]) for p in which]
                 else:
-                    jobs = [pool.submit(self._next, p, s) for p, s in enumerate(streams)]
+                    jobs = [pool.submit(self._next, p, streams[p]) for p in which]
                     got = [job.exception() or job.result() for job in jobs]
                 for item in got:  # the first partition in order that failed names the error
                     if isinstance(item, BaseException):
                         raise item
-                for p, (i, _) in enumerate(got):
+                for p, (i, _) in zip(which, got):
                     if i != k:
                         raise AssertionError(f"partition {p} planned iteration {i} when {k} was due (internal error)")
-                yield k, self._merge(k, [plans for _, plans in got])
+                yield k, [plans for _, plans in got]
         finally:
-            for s in streams:
+            for s in streams.values():
                 s.close()  # each partition's threads stop with its stream
             if pool is not None:
                 pool.shutdown(wait=True)

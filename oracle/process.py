@@ -28,6 +28,7 @@ from bagpipe.wire import (MAX_CONTROL_BYTES, Control, Credit, End, Error, Hello,
 import numpy as np
 
 from oracle.partitions import make_planner
+from oracle.workers import RemotePartition, WorkerError, WorkerLink, owner_of, partitions_of
 from oracle.planner import BatchSource, Planner, PlanError
 
 log = logging.getLogger("bagpipe")
@@ -52,6 +53,17 @@ class _Shifted:
         return self.batches[self.start + i]
 
 
+def segments(cfg: RunConfig, iterations: int, start: int = 0) -> list[tuple[int, int]]:
+    """The checkpoint segments [lo, hi) of iterations start..iterations-1 (see ``SegmentedPlans``)."""
+    bounds = []
+    lo = start
+    while lo < iterations:
+        hi = cfg.segment_end(lo, iterations)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
 class SegmentedPlans:
     """The plan stream of a run, one planner per checkpoint segment.
 
@@ -66,14 +78,11 @@ class SegmentedPlans:
     that fetches wait for).
     """
 
-    def __init__(self, cfg: RunConfig, batches: BatchSource, iterations: int, start: int = 0) -> None:
+    def __init__(self, cfg: RunConfig, batches: BatchSource, iterations: int, start: int = 0,
+                 links: list | None = None) -> None:
         self.cfg, self.batches, self.iterations, self.start = cfg, batches, iterations, start
-        self.bounds: list[tuple[int, int]] = []
-        lo = start
-        while lo < iterations:
-            hi = cfg.segment_end(lo, iterations)
-            self.bounds.append((lo, hi))
-            lo = hi
+        self.bounds = segments(cfg, iterations, start)
+        self.links = links or []  # oracle.workers.WorkerLink per worker process: their partitions come from there
         self.planner: Planner | None = None  # or an oracle.partitions.PartitionedPlanner
         self.offset = 0
         self.stats: list = []
@@ -81,10 +90,16 @@ class SegmentedPlans:
     def plans(self):
         for lo, hi in self.bounds:
             self.offset = lo
-            self.planner = make_planner(self.cfg.oracle_config(iterations=hi - lo), _Shifted(self.batches, lo, hi))
+            workers = self.cfg.oracle_workers
+            remote = {p: RemotePartition(self.links[owner_of(p, workers) - 1], p, lo, hi - lo)
+                      for p in range(self.cfg.oracle_partitions) if owner_of(p, workers) > 0}
+            self.planner = make_planner(self.cfg.oracle_config(iterations=hi - lo), _Shifted(self.batches, lo, hi),
+                                        remote)
             parts = self.cfg.oracle_partitions
             log.info("iterations %d..%d: %s%s", lo, hi - 1, self.planner.horizon_choice.line(),
-                     f"; {parts} partitions planned in threads" if parts > 1 else "")
+                     f"; {parts} partitions planned in threads" if parts > 1 and not workers else
+                     f"; {parts} partitions, {parts - len(remote)} planned here and {len(remote)} by "
+                     f"{workers} worker process(es)" if workers else "")
             for i, plans in self.planner.plans():
                 for p in plans:
                     p.iteration = i + lo
@@ -283,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555")
     parser.add_argument("--first-iteration", type=int, default=0, help="first iteration to plan (a resumed run)")
+    parser.add_argument("--workers", default="", help="the oracle workers' endpoints, in worker order (comma-separated)")
     args = parser.parse_args(argv)
     init_logger("oracle")
     run = RunDir(args.run_dir)
@@ -294,9 +310,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
 
+    endpoints = [e for e in args.workers.split(",") if e]
+    if len(endpoints) != cfg.oracle_workers:
+        log.error("--workers names %d endpoint(s); the job has oracle_workers = %d", len(endpoints), cfg.oracle_workers)
+        return 2
     sparse = Dataset(cfg.data).sparse_batches(cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle, epochs=cfg.epochs)
     iterations = cfg.iterations or len(sparse)
-    stream = SegmentedPlans(cfg, sparse, iterations, start=args.first_iteration)
+    links = [WorkerLink(w, e, job, secret, cfg.trainers, partitions_of(w, cfg.oracle_partitions, cfg.oracle_workers),
+                        cfg.plan_timeout_s, cfg.zmq_curve_dir, sparse.epoch_of, start=args.first_iteration)
+             for w, e in enumerate(endpoints, start=1)]
+    stream = SegmentedPlans(cfg, sparse, iterations, start=args.first_iteration, links=links)
     server = OracleServer(stream, job, args.endpoint, cfg.trainers, cfg.max_ahead, cfg.plan_timeout_s,
                           cfg.zmq_curve_dir, secret)
     error = None
@@ -305,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         run.write_oracle_stats(stream.stats)
         log.info("planned iterations %d..%d", args.first_iteration, iterations - 1)
         return 0
-    except (OracleError, WireError, PlanError) as exc:
+    except (OracleError, WireError, PlanError, WorkerError) as exc:
         error = str(exc)
         log.error("%s", exc)
         return 1
     finally:
         server.close(error)
+        for link in links:
+            link.close(error)

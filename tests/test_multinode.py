@@ -155,3 +155,70 @@ def test_multinode_job_over_three_hosts_equals_one_host(hosts, small_criteo, tmp
     assert cmp.rows > 0
     # Two ranks on two nodes add the same two partial sums as two ranks on one: bit for bit.
     assert identical(load_model(tmp_path / "single"), load_model(tmp_path / "node0")), (cmp.max_abs, cmp.problems)
+
+
+def _pids_alive(run_dir: Path) -> list[int]:
+    pids = json.loads((run_dir / "pids.json").read_text()) if (run_dir / "pids.json").exists() else {}
+    alive = []
+    for pid in pids.values():
+        try:
+            os.kill(int(pid), 0)
+            alive.append(int(pid))
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def test_a_cut_link_stops_both_nodes_within_the_plan_timeout(hosts, small_criteo, tmp_path):
+    """Finding 13 with a real link: node 1's cable is pulled mid-run (its veth's far end set down:
+    its own link stays up, nothing passes, TCP connections go silent rather than closed). Both
+    nodes stop within a bound set by plan_timeout_s, each naming the peer it lost, nothing left
+    running."""
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "bagpipe", "keys", "--out", str(keys)], check=True, cwd=REPO,
+                   capture_output=True, timeout=60)
+    plan_timeout_s = 10
+    overrides = ["batch_size=128", "iterations=4000", "cache_rows=3000", "eval_batches=1",
+                 f"plan_timeout_s={plan_timeout_s}"]
+    nodes: list[subprocess.Popen] = []
+    try:
+        for rank in (0, 1):
+            env = dict(os.environ, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1", SHARDS_PER_NODE="1",
+                       MASTER_ADDR=hosts.addrs[0], MASTER_PORT="29631", BAGPIPE_HOST=hosts.addrs[rank],
+                       GLOO_SOCKET_IFNAME=hosts.ifaces[rank], DATA_DIR=str(small_criteo),
+                       RUN_DIR=str(tmp_path / f"node{rank}"), BAGPIPE_JOIN_TIMEOUT="60",
+                       BAGPIPE_SECRET_FILE=str(keys / "job.secret"))
+            args = [a for o in overrides for a in ("--set", o)] if rank == 0 else []
+            nodes.append(hosts.popen(rank, ["bash", "launch.sh", *args], env, tmp_path / f"node{rank}.log"))
+        from bagpipe.rundir import RunDir
+
+        run0 = RunDir(tmp_path / "node0")
+        deadline = time.monotonic() + 180
+        while (run0.progress() or {}).get("iteration", 0) < 20:
+            for rank, node in enumerate(nodes):
+                assert node.poll() is None, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the job never got going"
+            time.sleep(0.2)
+        _ip("-n", hosts.bridge_ns, "link", "set", hosts.ifaces[1] + "b", "down")  # the cable, pulled
+        cut = time.monotonic()
+        bound = 3 * plan_timeout_s + 30  # a silent peer's wait, the report across nodes, the stops
+        took = {}
+        for rank, node in enumerate(nodes):
+            try:
+                rc = node.wait(timeout=max(1.0, cut + bound - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                rc = None
+            took[rank] = time.monotonic() - cut
+            assert rc not in (None, 0), f"node {rank}: {rc} after {took[rank]:.0f}s\n" + \
+                (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    finally:
+        for node in nodes:
+            _stop(node)
+    logs = {rank: (tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)}
+    # Each names the peer it lost: node 1 the oracle or store on node 0's address, node 0 rank or node 1.
+    assert hosts.addrs[0] in logs[1].split("ERROR", 1)[-1], logs[1][-3000:]
+    tail0 = logs[0].split("ERROR", 1)[-1]
+    assert hosts.addrs[1] in tail0 or "rank 1" in tail0 or "node 1" in tail0, logs[0][-3000:]
+    assert "Traceback" not in logs[0] and "Traceback" not in logs[1]
+    for rank in (0, 1):
+        assert _pids_alive(tmp_path / f"node{rank}") == [], f"node {rank} left processes running"

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("bagpipe.runner.export", "write the trained model of a run directory to a file"),
     "simulate": ("oracle.simulate", "count fetches and write-backs of each policy offline"),
     "oracle": ("oracle.process", "run the Oracle Cacher process (started by `run`)"),
+    "oracle-worker": ("oracle.workers", "plan some of the oracle's partitions in a process of their own (started by `run`)"),
     "trainer": ("trainers.trainer", "run one trainer rank (started by `run` through torchrun)"),
     "check": ("bagpipe.runner.check", "check that cached training equals synchronous training"),
     "bench": ("bench.policies", "benchmark the policies side by side"),

@@ -337,27 +337,43 @@ def run_job(cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = F
             if cfg.redis_cluster:
                 cluster_url = servers.cluster_url
                 urls = [cluster_url]
-        rdzv.publish(f"shards/{launch.node_rank}", {"urls": urls, "cluster_url": cluster_url})
+        # The oracle's worker processes this node runs (worker w on node w % nnodes; oracle.workers).
+        workers: dict[int, str] = {}
+        if cfg.rules.planned:
+            for w in range(1, cfg.oracle_workers + 1):
+                if w % launch.nnodes != launch.node_rank:
+                    continue
+                host = launch.host if not single else cfg.oracle_bind.split("//", 1)[-1].rsplit(":", 1)[0]
+                workers[w] = f"tcp://{host}:{free_port(host)}"
+                children.append(_spawn(f"oracle-worker{w}", [sys.executable, "-m", "bagpipe", "oracle-worker",
+                                                             "--run-dir", str(run_dir), "--endpoint", workers[w],
+                                                             "--worker", str(w), "--first-iteration", str(start)],
+                                       run.log(f"oracle-worker{w}"), placement.service_cpus(), child_env))
+        rdzv.publish(f"shards/{launch.node_rank}", {"urls": urls, "cluster_url": cluster_url, "workers": workers})
         # 3. Node 0 gathers the shards, fills the store, starts the oracle and publishes the endpoints.
         if master:
             endpoints = {"redis": [], "redis_cluster_url": cfg.redis_cluster_url, "oracle": ""}
             if cfg.rules.planned:
                 endpoints["redis"] = list(launch.redis_urls or cfg.redis_urls) or (
                     [cfg.redis_cluster_url] if cfg.redis_cluster_url else [])
+                worker_endpoints: dict[int, str] = {}
                 for r in range(launch.nnodes):
                     node_shards = rdzv.get(f"shards/{r}", who=f"node {r} (it never joined)")
                     endpoints["redis"] += node_shards["urls"]
                     endpoints["redis_cluster_url"] = endpoints["redis_cluster_url"] or node_shards["cluster_url"]
+                    worker_endpoints.update({int(w): e for w, e in node_shards.get("workers", {}).items()})
                 if not endpoints["redis"]:
                     raise JobError("no embedding servers: give --redis URL or --shards-per-node S")
                 _fill_store(cfg, endpoints["redis"], run, start, endpoints["redis_cluster_url"], password)
                 host = launch.host if not single else cfg.oracle_bind.split("//", 1)[-1].rsplit(":", 1)[0]
                 port = int(cfg.oracle_bind.rsplit(":", 1)[-1]) or free_port(host)
                 endpoints["oracle"] = f"tcp://{host}:{port}"
+                endpoints["oracle_workers"] = [worker_endpoints[w] for w in sorted(worker_endpoints)]
                 children.append(_spawn("oracle", [sys.executable, "-m", "bagpipe", "oracle", "--run-dir",
                                                   str(run_dir), "--endpoint", endpoints["oracle"],
-                                                  "--first-iteration", str(start)], run.log("oracle"),
-                                       placement.service_cpus(), child_env))
+                                                  "--first-iteration", str(start),
+                                                  "--workers", ",".join(endpoints["oracle_workers"])],
+                                       run.log("oracle"), placement.service_cpus(), child_env))
             rdzv.publish("endpoints", endpoints)
         else:
             endpoints = rdzv.get("endpoints", who="the endpoints from node 0")
@@ -573,8 +589,8 @@ def _has_own_cause(logs: list[tuple[str, int, int | None, list[str]]]) -> bool:
 
 def _failed(c: Child, trainers: Child) -> bool:
     rc = c.proc.poll()
-    # The oracle ends (code 0) before the trainers finish; any other exit is a failure.
-    return rc is not None and (rc != 0 or (c is not trainers and c.name != "oracle"))
+    # The oracle and its workers end (code 0) before the trainers finish; any other exit is a failure.
+    return rc is not None and (rc != 0 or (c is not trainers and not c.name.startswith("oracle")))
 
 
 def steady_phase_means(ranks: list[dict], warm: int) -> dict[str, float]:
