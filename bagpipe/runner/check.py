@@ -179,7 +179,9 @@ def matrix(name: str, base: RunConfig, min_cache: dict[int, int], all_rows: int,
         Variation(f"bagpipe cache_rows={all_rows} (all fit)", {"policy": "bagpipe", "trainers": 1, "cache_rows": all_rows}),
         Variation("bagpipe lead=0 horizon=0", {"policy": "bagpipe", "trainers": 1, "lead": 0, "horizon": 0}),
         Variation("bagpipe lead=4 horizon=16", {"policy": "bagpipe", "trainers": 2, "lead": 4, "horizon": 16}),
-        Variation("bagpipe oracle_partitions=2", {"policy": "bagpipe", "trainers": 2, "oracle_partitions": 2}),
+        # Two partitions, one planned by the oracle and one by a worker process (two oracle processes).
+        Variation("bagpipe oracle_partitions=2 oracle_workers=1", {"policy": "bagpipe", "trainers": 2,
+                                                                   "oracle_partitions": 2, "oracle_workers": 1}),
         Variation("bagpipe shards=1", {"policy": "bagpipe", "trainers": 1, "shards": 1}),
         Variation("bagpipe shards=3", {"policy": "bagpipe", "trainers": 2, "shards": 3}),
         Variation("bagpipe optimizer=sgd", {"policy": "bagpipe", "trainers": 2, "optimizer": "sgd"}),
@@ -219,6 +221,8 @@ def matrix(name: str, base: RunConfig, min_cache: dict[int, int], all_rows: int,
                                                                    "cache_rows": min_cache[3]}),
             Variation("bagpipe sgd trainers=3 lead=1", {"policy": "bagpipe", "trainers": 3, "optimizer": "sgd", "lead": 1, "horizon": 2}),
             Variation("bagpipe dcn trainers=2", {"policy": "bagpipe", "trainers": 2, "model": "dcn"}),
+            Variation("bagpipe oracle_partitions=4 trainers=3", {"policy": "bagpipe", "trainers": 3,
+                                                                 "oracle_partitions": 4}),
         ]
     return v
 
