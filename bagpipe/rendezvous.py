@@ -183,6 +183,8 @@ class Rendezvous:
     def _check(self, key: str) -> bool:
         try:
             return self._bounded(self.store.check, [key])
+        except RendezvousError:
+            raise
         except (RuntimeError, OSError) as exc:  # DistNetworkError and kin: node 0 went away
             raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port} (node 0 stopped, or the link to it is cut): "
                                   f"{str(exc).splitlines()[0]}") from None

@@ -33,6 +33,7 @@ from oracle.planner import BatchSource, Planner, PlanError
 
 log = logging.getLogger("bagpipe")
 DROP_LOG_LIMIT = 10  # dropped messages logged one by one; the rest only counted
+CONNECT_TIMEOUT_S = 120.0  # the least the oracle waits for every trainer's hello at start
 
 
 class OracleError(RuntimeError):
@@ -216,13 +217,17 @@ class OracleServer:
             raise OracleError(f"trainer {rank} sent {type(msg).__name__}, which only the oracle sends")
 
     def serve(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
+        # Trainers take a while to start (torch, the process group, the batches); a short plan timeout
+        # is for a stream that stopped, not for start-up. A trainer that fails to start is the job
+        # runner's to report.
+        wait_s = max(self.timeout_s, CONNECT_TIMEOUT_S)
+        deadline = time.monotonic() + wait_s
         while len(self.identity) < self.trainers:
             left = deadline - time.monotonic()
             msg = self._recv(max(left, 0.0)) if left > 0 else None
             if msg is None:
                 missing = sorted(set(range(self.trainers)) - set(self.identity))
-                raise OracleError(f"trainers {missing} never connected to {self.endpoint} within {self.timeout_s}s")
+                raise OracleError(f"trainers {missing} never connected to {self.endpoint} within {wait_s:g}s")
             self._handle(*msg)
         log.info("all %d trainers connected to %s", self.trainers, self.endpoint)
         for i, plans in self.planner.plans():

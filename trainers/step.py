@@ -14,6 +14,7 @@ a ``SoloCommunicator`` or a fake one in-process, and with gloo in two.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -53,13 +54,37 @@ class SoloCommunicator(Communicator):
         pass
 
 
-class DistCommunicator(Communicator):
-    """torch.distributed's default process group (gloo on CPU, nccl on GPU)."""
+class CollectiveError(RuntimeError):
+    """A collective that failed: names the ranks (and nodes) this rank was waiting for."""
 
-    def __init__(self) -> None:
+
+class DistCommunicator(Communicator):
+    """torch.distributed's default process group (gloo on CPU, nccl on GPU).
+
+    A collective that fails (a peer gone, a link cut: gloo says only "Timed out waiting 20000ms for
+    recv operation") is reported naming the ranks it involved and their nodes.
+    """
+
+    def __init__(self, ranks_per_node: int | None = None) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) or self.world
+
+    def _lost(self, what: str, exc: BaseException) -> CollectiveError:
+        peers = [r for r in range(self.world) if r != self.rank]
+        mine = self.rank // self.ranks_per_node
+        nodes = sorted({r // self.ranks_per_node for r in peers} - {mine})
+        where = f" on node {', '.join(map(str, nodes))}" if nodes else " on this node"
+        text = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        return CollectiveError(f"rank {self.rank} lost rank(s) {', '.join(map(str, peers))}{where} in the {what}: "
+                               f"{text} (a peer stopped, or the link to it is cut)")
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
+        try:
+            self._all_reduce(tensor)
+        except RuntimeError as exc:
+            raise self._lost("gradient all-reduce", exc) from None
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
         # The sum in rank order, ((g0 + g1) + g2) + ..., whatever the tensor's length: a ring
         # all-reduce adds each chunk starting at another rank, so with three or more ranks an
         # element's bits would depend on where it falls in the buffer (which differs between
@@ -76,7 +101,10 @@ class DistCommunicator(Communicator):
             tensor.add_(part)
 
     def barrier(self) -> None:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as exc:
+            raise self._lost("barrier", exc) from None
 
 
 @dataclass

@@ -484,7 +484,8 @@ def _wait_finished(rdzv: Rendezvous, launch: LaunchConfig) -> None:
 # the plan stream cut, a node that stopped): a failure summary quotes them after the causes.
 _CONSEQUENCE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|DistBackendError|"
                           r"DistNetworkError|the oracle stopped|the oracle ended the plan stream|"
-                          r"trainer \d+ stopped: |trainer \d+ is gone|node \d+ failed: ")
+                          r"trainer \d+ stopped: |trainer \d+ is gone|node \d+ failed: |lost rank\(s\) |"
+                          r"no credit from trainer \d+ within")
 # A Python exception's last traceback line ("module.SomeError: message"): a child's reason when it
 # logged no ERROR line of its own.
 _RANK = r"^(?:\[(?:default)?rank\d+\]:\s*)?"  # torchrun's prefix on a worker's lines, when it adds one
