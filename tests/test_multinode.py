@@ -106,8 +106,10 @@ def test_multinode_job_over_three_hosts_equals_one_host(hosts, small_criteo, tmp
     subprocess.run([sys.executable, "-m", "bagpipe", "keys", "--out", str(keys), "--tls-host", hosts.addrs[2]],
                    check=True, cwd=REPO, capture_output=True, timeout=60)
     secret_env = {"BAGPIPE_REDIS_PASSWORD": "shard-password-between-hosts", "BAGPIPE_SECRET_FILE": str(keys / "job.secret")}
+    # Two oracle partitions, the second planned by an oracle worker, which runs on node 1 (worker w on
+    # node w % nnodes): the planning spans hosts too (issue 15 item 2).
     overrides = ["batch_size=256", "iterations=16", "cache_rows=3000", "lead=2", "horizon=6", "eval_batches=2",
-                 f"redis_tls_dir={keys}"]
+                 "oracle_partitions=2", "oracle_workers=1", f"redis_tls_dir={keys}"]
     servers = hosts.popen(2, [sys.executable, "-m", "bagpipe", "servers", "--shards", "2", "--host",
                               hosts.addrs[2], "--dir", str(tmp_path / "shards"), "--tls-dir", str(keys)],
                           dict(os.environ, **secret_env), tmp_path / "servers.log")
@@ -147,8 +149,11 @@ def test_multinode_job_over_three_hosts_equals_one_host(hosts, small_criteo, tmp
         for path in (tmp_path / f"node{rank}").rglob("*"):
             if path.is_file():
                 assert b"shard-password-between-hosts" not in path.read_bytes(), path
-    # Each node ran one trainer: rank 1 lived on host B.
+    # Each node ran one trainer: rank 1 lived on host B, and so did the oracle's worker.
     assert (tmp_path / "node1" / "rank1.json").exists() and not (tmp_path / "node0" / "rank1.json").exists()
+    assert "planning partitions [1] of 2" in (tmp_path / "node1" / "oracle-worker1.log").read_text()
+    assert not (tmp_path / "node0" / "oracle-worker1.log").exists()
+    assert f"tcp://{hosts.addrs[1]}:" in (tmp_path / "node0" / "endpoints.json").read_text()
     cfg = RunConfig.load(REPO / "configs" / "default.toml", [f"data={small_criteo}", *overrides[:-1]])
     run_job(cfg.replace(trainers=2), tmp_path / "single", quiet=True)
     cmp = compare_models(load_model(tmp_path / "single"), load_model(tmp_path / "node0"))
