@@ -27,8 +27,14 @@ def test_sweep_reports_every_policy_the_peer_and_where_each_holds_local(small_cr
         assert all(r["samples_per_s"] > 0 for r in pols.values())
         assert pols["bagpipe"]["rows_fetched"] > 0 and pols["torchrec"]["rows_fetched"] == 0
         assert set(pols["bagpipe"]["trainer_phase_s"]) >= {"plan", "install", "evict", "forward", "backward"}
+    # local and the peer never touch the store: run at the first value only, the same line after.
+    first, second = (p["policies"] for p in report["points"])
+    assert second["local"]["measured_at"] == 0.0 and second["local"]["samples_per_s"] == first["local"]["samples_per_s"]
+    assert "measured_at" not in second["bagpipe"]
+    assert (out / "store_latency_us=0.0" / "local-0").exists() and not (out / "store_latency_us=3000.0" / "local-0").exists()
     md = (out / "report.md").read_text()
     assert "holds 0.9x local at" in md and "| torchrec |" in md and "placement auto" in md
+    assert "`local`, `torchrec` never touch the store: measured at store_latency_us = 0.0 only" in md
     assert (out / "report.png").stat().st_size > 1000
 
 
