@@ -84,6 +84,24 @@ class ServerSecurity:
             self.auth.stop()
 
 
+def control_router(ctx: zmq.Context, security: ServerSecurity, endpoint: str, control_bytes: int) -> zmq.Socket:
+    """A ROUTER bound to ``endpoint`` for peers that send control messages only (the oracle's for
+    trainers, a worker's for the oracle): CURVE as ``security`` says, frames over ``control_bytes``
+    refused by ZeroMQ before they are read, a send to a peer that is gone an error
+    (ROUTER_MANDATORY). Raises ``zmq.ZMQError`` when it cannot bind."""
+    sock = ctx.socket(zmq.ROUTER)
+    security.apply(sock)
+    sock.setsockopt(zmq.MAXMSGSIZE, control_bytes)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        sock.close()
+        raise
+    return sock
+
+
 def secure_client(sock: zmq.Socket, curve_dir: str) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     if curve_dir:

@@ -19,7 +19,7 @@ import zmq
 from bagpipe.config import RunConfig
 from bagpipe.dataset import Dataset
 from bagpipe.rundir import RunDir
-from bagpipe.curve import ServerSecurity
+from bagpipe.curve import ServerSecurity, control_router
 from bagpipe.faults import Fault
 from bagpipe.log import init_logger
 from bagpipe.auth import AuthError, hello_valid, read_secret
@@ -144,14 +144,8 @@ class OracleServer:
         self.max_ahead, self.timeout_s = max_ahead, timeout_s
         self.ctx = zmq.Context()
         self.security = ServerSecurity(self.ctx, curve_dir)
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.security.apply(self.sock)
-        # Trainers send only control messages: anything bigger is refused by ZeroMQ before it is read.
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        try:
-            self.sock.bind(endpoint)
+        try:  # trainers send only control messages: anything bigger is refused before it is read
+            self.sock = control_router(self.ctx, self.security, endpoint, MAX_CONTROL_BYTES)
         except zmq.ZMQError as exc:
             raise OracleError(f"oracle cannot bind {endpoint}: {exc}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -35,7 +35,7 @@ import zmq
 
 from bagpipe.auth import AuthError, hello_token, hello_valid, read_secret
 from bagpipe.config import RunConfig
-from bagpipe.curve import ServerSecurity, secure_client
+from bagpipe.curve import ServerSecurity, control_router, secure_client
 from bagpipe.dataset import Dataset
 from bagpipe.log import init_logger
 from bagpipe.rundir import RunDir
@@ -174,13 +174,8 @@ class WorkerServer:
         self.timeout_s, self.max_ahead = timeout_s, max_ahead
         self.ctx = zmq.Context()
         self.security = ServerSecurity(self.ctx, curve_dir)
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.security.apply(self.sock)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)  # the oracle sends control messages only
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        try:
-            self.sock.bind(endpoint)
+        try:  # the oracle sends control messages only
+            self.sock = control_router(self.ctx, self.security, endpoint, MAX_CONTROL_BYTES)
         except zmq.ZMQError as exc:
             raise WorkerError(f"oracle worker {worker} cannot bind {endpoint}: {exc}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
