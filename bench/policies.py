@@ -163,7 +163,7 @@ def _table(report: dict) -> list[str]:
     lines = [f"batch {s['batch_size']}, dim {s['embedding_dim']}, {s['trainers']} trainers, {s['shards']} shards, "
              f"{s['iterations']} iterations, cache {s['cache_rows']} rows per trainer, lead {s['lead']}, horizon "
              f"{s['horizon']}, store latency {s['store_latency_us']} us, bandwidth "
-             f"{s['store_bandwidth_gbps'] or 'unlimited'} GB/s "
+             f"{s['store_bandwidth_gbps'] or 'unlimited'} Gb/s "
              f"({'a real veth link, rate-limited by tbf; latency the stand-in' if s.get('link') else 'in-process stand-in'}), "
              f"store I/O in the {s['store_io']}, {where}; "
              f"{s['repeats']} repeats (median, min-max); samples/s in steady state, after the first "
