@@ -142,7 +142,9 @@ def holds_local(sweep: dict, share: float = 0.9) -> dict[str, list]:
         if "local" not in pols:
             continue
         for p, row in pols.items():
-            if p != "local" and row["samples_per_s"] >= share * pols["local"]["samples_per_s"]:
+            if p in STORE_FREE:
+                continue  # the line the others are read against
+            if row["samples_per_s"] >= share * pols["local"]["samples_per_s"]:
                 out.setdefault(p, []).append(point["value"])
             else:
                 out.setdefault(p, [])
@@ -217,7 +219,8 @@ def write_sweep_report(sweep: dict, run_dir: Path) -> None:
     holds = holds_local(sweep)
     fixed = sorted(p for p, r in sweep["points"][-1]["report"]["policies"].items() if "measured_at" in r)
     lines = [f"# Sweep of {key} ({sweep['points'][0]['report']['settings']['date']})", "",
-             *([f"{', '.join(f'`{p}`' for p in fixed)} never touch the store: measured at {key} = "
+             *([f"{', '.join(f'`{p}`' for p in fixed)} {'never touch' if len(fixed) > 1 else 'never touches'} the "
+                f"store: measured at {key} = "
                 f"{sweep['points'][0]['value']} only (alternating with the others there), the same line at every "
                 "value.", ""] if fixed else []),
              f"Per policy, the {key} values at which it still runs at 0.9x `local` or better:", "",

@@ -35,6 +35,8 @@ def test_sweep_reports_every_policy_the_peer_and_where_each_holds_local(small_cr
     md = (out / "report.md").read_text()
     assert "holds 0.9x local at" in md and "| torchrec |" in md and "placement auto" in md
     assert "`local`, `torchrec` never touch the store: measured at store_latency_us = 0.0 only" in md
+    holds = md.split("| holds 0.9x local at |", 1)[1].split("##", 1)[0]
+    assert "| bagpipe |" in holds and "| local |" not in holds and "| torchrec |" not in holds
     assert (out / "report.png").stat().st_size > 1000
 
 
