@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,45 +15,13 @@ from bagpipe.config import RunConfig
 from bagpipe.runner.export import load_model
 from bagpipe.runner.job import run_job
 from bagpipe.rundir import RunDir
-from procs import wait_gone
+from procs import finish, set_args, start_job, wait_for_checkpoint, wait_gone
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"batch_size": 128, "iterations": 24, "checkpoint_every": 8, "cache_rows": 2500, "lead": 2,
             "horizon": 4, "eval_batches": 1, "redis_persistence": "appendonly", "redis_appendfsync": "always"}
 
 
-def _sets(settings: dict) -> list[str]:
-    out = []
-    for k, v in settings.items():
-        out += ["--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}"]
-    return out
-
-
-def _job(run_dir: Path, data: Path, settings: dict, resume: bool = False) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "bagpipe", "run", "--run-dir", str(run_dir)]
-    cmd += ["--resume"] if resume else ["--set", f"data={data}"]
-    cmd += _sets(settings) if not resume else []
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def _wait_for_checkpoint(job: subprocess.Popen, run_dir: Path, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not (run_dir / "checkpoints" / "LATEST").exists():
-        assert job.poll() is None, job.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.1)
-
-
-def _finish(job: subprocess.Popen, timeout_s: float = 180) -> tuple[int, str]:
-    try:
-        out, _ = job.communicate(timeout=timeout_s)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-    return job.returncode, out
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +30,7 @@ def reference(small_criteo, tmp_path_factory):
     out = {}
     for trainers in (1, 2):
         cfg = RunConfig.load(None, [f"data={small_criteo}", f"trainers={trainers}"] +
-                             [s for s in _sets(SETTINGS) if s != "--set"])
+                             [s for s in set_args(SETTINGS) if s != "--set"])
         rd = tmp_path_factory.mktemp(f"uninterrupted{trainers}")
         run_job(cfg, rd, quiet=True)
         out[trainers] = load_model(rd)
@@ -91,21 +56,21 @@ def _victim_pid(run_dir: Path, victim: str) -> int:
 def test_kill_then_resume_reaches_the_same_model(small_criteo, tmp_path, reference, trainers, victim, names):
     run_dir = tmp_path / "run"
     settings = dict(SETTINGS, trainers=trainers, store_latency_us=3000)
-    job = _job(run_dir, small_criteo, settings)
-    _wait_for_checkpoint(job, run_dir)
+    job = start_job(run_dir, small_criteo, settings)
+    wait_for_checkpoint(job, run_dir)
     pids = json.loads((run_dir / "pids.json").read_text())
     pids.update({f"agent{r}": RunDir(run_dir).agent_pid(r) for r in range(trainers)})
     pid = job.pid if victim == "job" else _victim_pid(run_dir, victim)
     os.kill(pid, signal.SIGKILL)
-    rc, out = _finish(job, timeout_s=90)
+    rc, out = finish(job, timeout_s=90)
     assert rc != 0
     if names:
         assert names in out, out[-3000:]
     # Nothing is left behind, even when the job process itself was killed.
     left = wait_gone(list(pids.values()), 20.0)
     assert left == [], f"processes left behind: {left}"
-    resumed = _job(run_dir, small_criteo, {}, resume=True)
-    rc, out = _finish(resumed)
+    resumed = start_job(run_dir, small_criteo, {}, resume=True)
+    rc, out = finish(resumed)
     assert rc == 0, out[-3000:]
     assert "resuming from the checkpoint after iteration" in out
     got = load_model(run_dir)
@@ -115,7 +80,7 @@ def test_kill_then_resume_reaches_the_same_model(small_criteo, tmp_path, referen
 
 
 def test_checkpoint_from_another_job_is_refused(small_criteo, tmp_path):
-    cfg = RunConfig.load(None, [f"data={small_criteo}", "trainers=1"] + [s for s in _sets(SETTINGS) if s != "--set"])
+    cfg = RunConfig.load(None, [f"data={small_criteo}", "trainers=1"] + [s for s in set_args(SETTINGS) if s != "--set"])
     run_job(cfg.replace(iterations=8), tmp_path / "run", quiet=True)
     latest = Checkpoints(tmp_path / "run").latest()
     assert latest is not None and latest.name == "iter-000000007"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +18,8 @@ from bagpipe.runner.export import load_model
 from bagpipe.runner.job import run_job
 from bagpipe.wire import Hello, encode_control
 from oracle.workers import WorkerError, WorkerServer, owner_of, partitions_of, worker_job
-from procs import wait_gone
+from procs import finish, start_job, wait_for_checkpoint, wait_gone
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"trainers": 2, "batch_size": 128, "iterations": 24, "checkpoint_every": 8, "cache_rows": 2500,
             "lead": 2, "horizon": 4, "eval_batches": 1}
 
@@ -96,31 +93,17 @@ def test_a_killed_worker_stops_the_job_naming_it_and_a_resume_reaches_the_same_m
     run_job(_cfg(small_criteo, **{k: v for k, v in settings.items() if k not in SETTINGS}), tmp_path / "ref",
             quiet=True)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "bagpipe", "run", "--run-dir", str(run_dir), "--set", f"data={small_criteo}"]
-    for k, v in settings.items():
-        cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}"]
-    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "checkpoints" / "LATEST").exists():
-            assert job.poll() is None, job.stdout.read()
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.1)
-        pids = json.loads((run_dir / "pids.json").read_text())
-        os.kill(pids["oracle-worker1"], signal.SIGKILL)
-        killed = time.monotonic()
-        out, _ = job.communicate(timeout=90)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-    assert job.returncode != 0
+    job = start_job(run_dir, small_criteo, settings)
+    wait_for_checkpoint(job, run_dir)
+    pids = json.loads((run_dir / "pids.json").read_text())
+    os.kill(pids["oracle-worker1"], signal.SIGKILL)
+    killed = time.monotonic()
+    rc, out = finish(job, timeout_s=90)
+    assert rc != 0
     assert time.monotonic() - killed < 60
     assert f"oracle-worker1 (pid {pids['oracle-worker1']}) exited with code -9" in out, out[-3000:]
     assert wait_gone(list(pids.values()), 20.0) == []
-    resumed = subprocess.run([sys.executable, "-m", "bagpipe", "run", "--run-dir", str(run_dir), "--resume"],
-                             cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    rc, out = finish(start_job(run_dir, small_criteo, {}, resume=True))
+    assert rc == 0, out[-3000:]
     ref, got = load_model(tmp_path / "ref"), load_model(run_dir)
     assert identical(ref, got), compare_models(ref, got).problems
