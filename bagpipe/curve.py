@@ -102,6 +102,19 @@ def control_router(ctx: zmq.Context, security: ServerSecurity, endpoint: str, co
     return sock
 
 
+def close_router(ctx: zmq.Context, security: ServerSecurity, sock: zmq.Socket, farewells: list[list]) -> None:
+    """Send each message in ``farewells`` (identity frame first) without waiting, skipping a peer that
+    is gone, then close the socket, the authenticator and the context."""
+    for frames in farewells:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+    sock.close()
+    security.close()
+    ctx.term()
+
+
 def secure_client(sock: zmq.Socket, curve_dir: str) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     if curve_dir:

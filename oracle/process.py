@@ -19,7 +19,7 @@ import zmq
 from bagpipe.config import RunConfig
 from bagpipe.dataset import Dataset
 from bagpipe.rundir import RunDir
-from bagpipe.curve import ServerSecurity, control_router
+from bagpipe.curve import ServerSecurity, close_router, control_router
 from bagpipe.faults import Fault
 from bagpipe.log import init_logger
 from bagpipe.auth import AuthError, hello_valid, read_secret
@@ -280,16 +280,9 @@ class OracleServer:
     def close(self, error: str | None = None) -> None:
         if self.dropped:
             log.warning("dropped %d message(s) that did not decode or authenticate", self.dropped)
-        if error and self.identity:
-            for t, ident in self.identity.items():
-                try:
-                    self.sock.send_multipart([ident] + encode_control(Error(rank=t, message=error), self.job),
-                                             flags=zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-        self.sock.close()
-        self.security.close()
-        self.ctx.term()
+        farewells = [[ident] + encode_control(Error(rank=t, message=error), self.job)
+                     for t, ident in self.identity.items()] if error else []
+        close_router(self.ctx, self.security, self.sock, farewells)
 
 
 def main(argv: list[str] | None = None) -> int:

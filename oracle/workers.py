@@ -35,7 +35,7 @@ import zmq
 
 from bagpipe.auth import AuthError, hello_token, hello_valid, read_secret
 from bagpipe.config import RunConfig
-from bagpipe.curve import ServerSecurity, control_router, secure_client
+from bagpipe.curve import ServerSecurity, close_router, control_router, secure_client
 from bagpipe.dataset import Dataset
 from bagpipe.log import init_logger
 from bagpipe.rundir import RunDir
@@ -256,15 +256,9 @@ class WorkerServer:
                               f"closed: {exc})") from None
 
     def close(self, error: str | None = None) -> None:
-        if error and self.oracle is not None:
-            try:
-                self.sock.send_multipart([self.oracle] + encode_control(Error(self.worker, error), self.job),
-                                         flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-        self.sock.close()
-        self.security.close()
-        self.ctx.term()
+        farewells = [[self.oracle] + encode_control(Error(self.worker, error), self.job)] \
+            if error and self.oracle is not None else []
+        close_router(self.ctx, self.security, self.sock, farewells)
 
 
 def serve_partitions(cfg: RunConfig, batches, iterations: int, start: int, worker: int, server: WorkerServer) -> None:
