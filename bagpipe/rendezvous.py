@@ -64,7 +64,7 @@ class Rendezvous:
     def __init__(self, host: str, port: int, is_master: bool, timeout_s: float, secret: bytes,
                  node_rank: int = 0) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
-        self.secret, self.node_rank, self.is_master = secret, node_rank, is_master
+        self.secret, self.node_rank = secret, node_rank
         self.session = ""  # this launch's (``open`` on node 0, ``join`` elsewhere)
         self.nonce = secrets.token_hex(16)  # node k's proof that the job it reads is this launch's
         self._listener: socket.socket | None = None
@@ -181,13 +181,7 @@ class Rendezvous:
             time.sleep(0.05)
 
     def _check(self, key: str) -> bool:
-        try:
-            return self._bounded(self.store.check, [key])
-        except RendezvousError:
-            raise
-        except (RuntimeError, OSError) as exc:  # DistNetworkError and kin: node 0 went away
-            raise RendezvousError(f"lost the rendezvous store at {self.host}:{self.port} (node 0 stopped, or the link to it is cut): "
-                                  f"{str(exc).splitlines()[0]}") from None
+        return self._lost_unless(lambda: self._bounded(self.store.check, [key]))
 
     def poll(self, key: str) -> object | None:
         """The value of ``key`` if it is there now, else None."""
