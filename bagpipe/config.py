@@ -152,6 +152,10 @@ class OracleConfig:
     # key 'oracle_workers': processes besides the oracle that plan partitions (partition p is planned by
     # process p % (workers + 1), 0 the oracle) and stream them to it (oracle.workers; docs/oracle.md)
     workers: int = 0
+    # key 'oracle_bypass': a row that would be evicted before any row it could displace goes through a
+    # per-iteration scratch area beside the cache instead (policies whose table row allows it;
+    # docs/oracle.md, "Bypass")
+    bypass: bool = True
 
     def __post_init__(self) -> None:
         _require(self.policy in POLICIES, "policy", f"'{self.policy}' is not one of {', '.join(POLICIES)}")
@@ -170,6 +174,7 @@ class OracleConfig:
                  "oracle_partitions", f"must be an integer >= 1, got {self.partitions!r}")
         _require(isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 0,
                  "oracle_workers", f"must be an integer >= 0, got {self.workers!r}")
+        _require(isinstance(self.bypass, bool), "oracle_bypass", f"must be true or false, got {self.bypass!r}")
         _require(self.workers < self.partitions, "oracle_workers",
                  f"{self.workers} worker process(es) need oracle_partitions >= {self.workers + 1} (one partition "
                  f"each, and one for the oracle), got oracle_partitions = {self.partitions}")
@@ -186,6 +191,11 @@ class OracleConfig:
     def fetch_lead(self) -> int:
         """How many iterations before its install the policy issues a row's store fetch."""
         return self.rules.lead(self.lead)
+
+    @property
+    def bypasses(self) -> bool:
+        """Whether the planners send rows through the scratch area (the key, where the policy allows it)."""
+        return self.bypass and self.rules.bypass
 
 
 @dataclass(frozen=True)
@@ -299,6 +309,7 @@ class RunConfig:
     oracle_memory_mb: float = 1024.0  # what an automatic horizon's window may take in the oracle
     oracle_partitions: int = 1  # planners over disjoint rows, in threads (docs/oracle.md, "Partitions")
     oracle_workers: int = 0  # processes besides the oracle that plan some of the partitions (docs/oracle.md)
+    oracle_bypass: bool = True  # rows read once before they would be evicted use a scratch area (docs/oracle.md)
     max_ahead: int = 16
     optimizer: str = "adagrad"
     lr: float = 0.05
@@ -412,6 +423,7 @@ class RunConfig:
             iterations=self.iterations if iterations is None else iterations,
             max_ahead=self.max_ahead, bind=self.oracle_bind, recv_timeout_s=self.plan_timeout_s,
             memory_mb=self.oracle_memory_mb, partitions=self.oracle_partitions, workers=self.oracle_workers,
+            bypass=self.oracle_bypass,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -24,6 +24,9 @@ class Policy:
     victim: str  # which resident row makes room: "furthest" next use, "lru" or "lfu"
     drops_after_use: str  # rows evicted right after the iteration that used them: "", "all", "unpinned", "gap"
     pins: bool  # the most frequent rows are pinned for the whole run (counted in one pass)
+    # A missed row that would be the next victim itself reads through a per-iteration scratch area
+    # instead of displacing a row (key 'oracle_bypass' turns it off); needs a bounded, "furthest" cache.
+    bypass: bool
     code: int  # the planner kernels' number for it (oracle.fastplan); -1: not planned
     summary: str
 
@@ -34,22 +37,24 @@ class Policy:
 
 _TABLE = (
     Policy("local", planned=False, bounded=False, fetch_lead=0, victim="", drops_after_use="", pins=False,
-           code=-1, summary="every table in trainer memory: the upper bound where it fits"),
+           bypass=False, code=-1, summary="every table in trainer memory: the upper bound where it fits"),
     Policy("none", planned=True, bounded=False, fetch_lead=0, victim="lru", drops_after_use="all", pins=False,
-           code=0, summary="no cache: fetch every row of a batch, write it back after the step"),
+           bypass=False, code=0, summary="no cache: fetch every row of a batch, write it back after the step"),
     Policy("lru", planned=True, bounded=True, fetch_lead=0, victim="lru", drops_after_use="", pins=False,
-           code=1, summary="demand cache, least recently used out; misses fetched on the critical path"),
+           bypass=False, code=1, summary="demand cache, least recently used out; misses fetched on the critical path"),
     Policy("lfu", planned=True, bounded=True, fetch_lead=0, victim="lfu", drops_after_use="", pins=False,
-           code=2, summary="demand cache, least frequently used out"),
+           bypass=False, code=2, summary="demand cache, least frequently used out"),
     Policy("lru-prefetch", planned=True, bounded=True, fetch_lead=1, victim="lru", drops_after_use="",
-           pins=False, code=3,
+           pins=False, bypass=False, code=3,
            summary="LRU with the next iteration's misses fetched while this one trains (TorchRec's prefetch)"),
     Policy("static", planned=True, bounded=True, fetch_lead=0, victim="lru", drops_after_use="unpinned",
-           pins=True, code=4, summary="the most frequent rows pinned, the rest fetched per batch (FAE)"),
+           pins=True, bypass=False, code=4,
+           summary="the most frequent rows pinned, the rest fetched per batch (FAE)"),
     Policy("bagpipe", planned=True, bounded=True, fetch_lead="lead", victim="furthest", drops_after_use="",
-           pins=False, code=5, summary="the Oracle Cacher: furthest next use out, fetches issued lead ahead"),
+           pins=False, bypass=True, code=5,
+           summary="the Oracle Cacher: furthest next use out, fetches issued lead ahead"),
     Policy("bagpipe-original", planned=True, bounded=False, fetch_lead="lead", victim="furthest",
-           drops_after_use="gap", pins=False, code=6,
+           drops_after_use="gap", pins=False, bypass=False, code=6,
            summary="the original rule: keep a row while its reuse gap is under the horizon, no capacity bound"),
 )
 

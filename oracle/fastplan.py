@@ -71,8 +71,8 @@ INF32 = (1 << 31) - 1  # "no use in the window" in int32 next-use fields
 P_NONE, P_LRU, P_LFU, P_LRU_PREFETCH, P_STATIC, P_BAGPIPE, P_ORIGINAL = range(7)
 
 # Config vector C.
-C_POLICY, C_CAP, C_HORIZON, C_N, C_U, C_R, C_ITERS, C_BOUNDED, C_T, C_LB, C_NW, C_GW = range(12)
-C_LEN = 12
+C_POLICY, C_CAP, C_HORIZON, C_N, C_U, C_R, C_ITERS, C_BOUNDED, C_T, C_LB, C_NW, C_GW, C_BYPASS = range(13)
+C_LEN = 13
 
 # Row entry, one 64-byte cache line: int64 fields of E64 [.., 8] and int32 fields of its view E32 [.., 16].
 X_KEY, X_QST, X_ACQ = range(3)  # key, queue stamp, acquisition order
@@ -81,12 +81,14 @@ F_PIN, F_INHEAP = 1, 2  # bits of Y_FLAGS
 
 # Per-trainer counters M.
 (M_ECOUNT, M_EHWM, M_EFREEN, M_NEXTSLOT, M_FREEN, M_NEXTFID, M_RES, M_STAMP, M_ACQ,
- M_NHWM, M_HOT, M_QMASK, M_LA_LIST, M_LA_NEAR, M_LA_FAR) = range(15)
+ M_NHWM, M_HOT, M_QMASK, M_LA_LIST, M_LA_NEAR, M_LA_FAR, M_NSCR, M_VLIST, M_VNODE) = range(18)
+# M_NSCR: rows in the scratch area now (slots C_CAP + 0, 1, ...); M_VLIST / M_VNODE: the list and node the
+# last victim left (-1: the heap), so a victim kept when its row bypasses goes back where it was.
 M_LEN = 20
 
 # Stats columns, in PlanStats field order.
-S_FETCHED, S_JOINED, S_WRITTEN, S_SYNCED, S_PEAK = range(5)
-S_LEN = 5
+S_FETCHED, S_JOINED, S_WRITTEN, S_SYNCED, S_PEAK, S_BYPASSED, S_SCRATCH_PEAK = range(7)
+S_LEN = 7
 
 # Episode record GE [g, GW]: fields, then NW present words, NW pending words, N holder entries.
 # A holder entry is the holder's slot (low 32 bits) and, for a founder, its fetch id relative to the
@@ -780,6 +782,32 @@ def _release(C, t, e, E64t, E32t, EFS, Ht, Mt, S, QL, hshift, hmask):
     return slot
 
 
+@njit(_nrt=False, inline="always")
+def _evict_scratch(t, e, E64t, E32t, EFS, Ht, Mt, hshift, hmask, ev, nev):
+    """Row entry e leaves its scratch slot after its one iteration (unqueued: the slot is not the cache's);
+    recorded as eviction nev, returns nev + 1."""
+    key = E64t[e, X_KEY]
+    ev[nev, 0] = t
+    ev[nev, 1] = key
+    ev[nev, 2] = E32t[e, Y_SLOT]
+    ev[nev, 3] = E32t[e, Y_GIDX]
+    E32t[e, Y_SLOT] = -1
+    Mt[M_NSCR] -= 1
+    if E32t[e, Y_FREQ] >= HOT:
+        Mt[M_HOT] -= 1
+    E32t[e, Y_FREQ] = 0
+    E64t[e, X_QST] = -1
+    E32t[e, Y_GIDX] = -1
+    if E32t[e, Y_NEXT] == INF32:
+        p = _hfind(Ht, key, hshift, hmask)
+        _hdel(Ht, p, hshift, hmask)
+        fnn = Mt[M_EFREEN]
+        EFS[t, fnn] = e
+        Mt[M_EFREEN] = fnn + 1
+        Mt[M_ECOUNT] -= 1
+    return nev + 1
+
+
 @njit(_nrt=False)
 def _gdelete(GM, GFS, Gh, g, key):
     """Forget episode ``g`` of row ``key``."""
@@ -840,8 +868,11 @@ def _enqueue_used(C, t, e, E64t, E32t, Mt, Qt, QHt, QL, HP, HN):
 @njit(_nrt=False)
 def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE, hshift, hmask,
             ev, nev):
-    """Record iteration i's uses (next use, last use, frequency), then the policy's drops."""
+    """Record iteration i's uses (next use, last use, frequency), empty the scratch area, then the policy's
+    drops."""
     R, U, pol = C[C_R], C[C_U], C[C_POLICY]
+    # Only a policy that bypasses has scratch slots (at C_CAP and beyond); no slot reaches this otherwise.
+    cap = C[C_CAP] if C[C_BYPASS] != 0 else INF
     E64t, E32t, Ht, Mt, Qt, QHt = E64[t], E32[t], Hh[t], M[t], Q[t], QH[t]
     sl = i % R
     base = sl * U
@@ -861,7 +892,10 @@ def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE,
         E32t[e, Y_FREQ] = f
         if f == HOT:
             Mt[M_HOT] += 1
-        if queued:
+        if E32t[e, Y_SLOT] >= cap:
+            # In the scratch area for i only: it leaves now (in key order, as it came), before any drop.
+            nev = _evict_scratch(t, e, E64t, E32t, EFS, Ht, Mt, hshift, hmask, ev, nev)
+        elif queued:
             _enqueue_used(C, t, e, E64t, E32t, Mt, Qt, QHt, QL, HP, HN)
     if pol == P_NONE or pol == P_STATIC or pol == P_ORIGINAL:
         H = C[C_HORIZON]
@@ -905,6 +939,8 @@ def _pop_live(E64t, Qt, QHt, Mt, li, Ht, hshift):
         _lpop(Qt, QHt, li)
         _lookahead(E64t, Qt, QHt, Mt, li, Ht, hshift)
         if live:
+            Mt[M_VLIST] = li
+            Mt[M_VNODE] = n
             return e
     return -1
 
@@ -934,6 +970,7 @@ def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QL, HP, HN, Ht
             ok = E64t[e, X_QST] == H[0, 4]
             _hpop(H, HN, t)
             if ok:
+                Mt[M_VLIST] = -1
                 return e, vtop, 0
         return -1, vtop, 1
     v = vtop
@@ -949,6 +986,23 @@ def _victim_bagpipe(C, t, need_at, vtop, E64t, E32t, Mt, Qt, QHt, QL, HP, HN, Ht
             return -1, v, 1
         v -= 1
     return -1, v, 0
+
+
+@njit(_nrt=False)
+def _unpop_victim(t, e, E64t, E32t, Mt, Qt, QHt, HP, HN):
+    """Put back the row ``_victim_bagpipe`` just returned, where it was: it stays, and stays first."""
+    li = Mt[M_VLIST]
+    if li >= 0:
+        n = Mt[M_VNODE]
+        if QHt[li, 0] < 0:  # the pop emptied the list (a bucket list is sorted when victims leave it)
+            QHt[li, 1] = n
+            QHt[li, 2] = n if li >= NCLASS else -1
+        QHt[li, 0] = n
+        Mt[M_LA_LIST] = -1
+    else:
+        f = np.int64(E32t[e, Y_FREQ])
+        _hpush(HP[t], HN, t, -INF, (f << 32) | (np.int64(E32t[e, Y_LAST]) + 1), E64t[e, X_KEY], e,
+               E64t[e, X_QST])
 
 
 @njit(_nrt=False)
@@ -1009,10 +1063,11 @@ def _victim_fifo(C, t, need_at, cur, skip, nskip, E64t, E32t, Mt, Qt, QHt, HP, H
 
 # -------------------------------------------------------------------- acquiring
 @njit
-def _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, S, Q, QH, QL, HP, HN, GE, ST,
+def _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE, ST,
              hshift, hmask, ev, nev, new, nnew):
     """Give trainer t's rows read at k and not resident a slot, and choose the victims they displace."""
     R, U, I, pol = C[C_R], C[C_U], C[C_ITERS], C[C_POLICY]
+    bypass = C[C_BYPASS] != 0
     E64t, E32t, Ht, Mt, Qt, QHt = E64[t], E32[t], Hh[t], M[t], Q[t], QH[t]
     vtop = min(k + C[C_HORIZON], I - 1)
     cur = np.full(NCLASS, -2, np.int64)
@@ -1043,6 +1098,22 @@ def _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, S, Q, QH, QL, HP, HN, GE, ST
                 if status != 0:
                     err = ERR_INTERNAL
                     break
+                # The reference ranks the row, with its next use after k and no frequency yet, against
+                # the victim (frequency >= 1): it comes first exactly when its next use is no sooner.
+                if bypass and v >= 0 and Wx[t, base + s] >= E32t[v, Y_NEXT]:
+                    _unpop_victim(t, v, E64t, E32t, Mt, Qt, QHt, HP, HN)
+                    slot = C[C_CAP] + Mt[M_NSCR]
+                    Mt[M_NSCR] += 1
+                    ST[t, S_BYPASSED] += 1
+                    ST[t, S_SCRATCH_PEAK] = max(ST[t, S_SCRATCH_PEAK], Mt[M_NSCR])
+                    E32t[e, Y_SLOT] = slot
+                    Mt[M_ACQ] += 1
+                    E64[t, e, X_ACQ] = Mt[M_ACQ]
+                    new[nnew, 0] = e
+                    new[nnew, 1] = slot
+                    new[nnew, 2] = E64t[e, X_KEY]
+                    nnew += 1
+                    continue
             elif pol == P_LRU or pol == P_LRU_PREFETCH or pol == P_LFU:
                 v, nskip = _victim_fifo(C, t, k, cur, skip, nskip, E64t, E32t, Mt, Qt, QHt, HP, HN)
             if v < 0:
@@ -1377,7 +1448,9 @@ def _plan(C, k, new, new_off, E64, E32, M, Wu, Wn, Wi, GE, GM, GFS, Gh, LW, ST, 
     N = C[C_N]
     slots_needed = np.empty(N, np.int64)
     for t in range(N):
-        slots_needed[t] = M[t, M_NEXTSLOT]
+        # The scratch area lies past the cache's slots; the trainer keeps the most it ever used.
+        sp = ST[t, S_SCRATCH_PEAK]
+        slots_needed[t] = C[C_CAP] + sp if sp > 0 else M[t, M_NEXTSLOT]
     return (read, f_key, f_ver, f_off, first_fid, in_id, in_slot, in_off,
             sy_pos, sy_slot, sy_off, ns, jo_pos, jo_slot, jo_send, jo_off, n_join, slots_needed)
 
@@ -1398,7 +1471,7 @@ def advance(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE,
     if k > 0:
         nev = _retire(C, t, k - 1, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE,
                       hshift, hmask, WEV[t], 0)
-    err, nev, nnew = _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, S, Q, QH, QL, HP, HN,
+    err, nev, nnew = _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN,
                               GE, ST, hshift, hmask, WEV[t], nev, WNEW[t], 0)
     counts[t, 0] = nev
     counts[t, 1] = nnew
@@ -1461,13 +1534,14 @@ def flush(C, after, E64, E32, EFS, Hh, M, S, QL, Gh, GE, GM, GFS, LW, WQ, ST):
     N = C[C_N]
     total = 0
     for t in range(N):
-        total += M[t, M_RES]
+        total += M[t, M_RES] + M[t, M_NSCR]
     ev = np.empty((total, 4), np.int64)
     nev = 0
     for t in range(N):
         E64t, E32t, Ht, Mt = E64[t], E32[t], Hh[t], M[t]
-        res = np.empty(Mt[M_RES], np.int64)
-        acq = np.empty(Mt[M_RES], np.int64)
+        held = Mt[M_RES] + Mt[M_NSCR]
+        res = np.empty(held, np.int64)
+        acq = np.empty(held, np.int64)
         m = 0
         for e in range(Mt[M_EHWM]):
             if E32t[e, Y_SLOT] >= 0:
@@ -1484,7 +1558,10 @@ def flush(C, after, E64, E32, EFS, Hh, M, S, QL, Gh, GE, GM, GFS, LW, WQ, ST):
             slot = np.int64(E32t[e, Y_SLOT])
             E32t[e, Y_SLOT] = -1
             E32t[e, Y_GIDX] = -1
-            Mt[M_RES] -= 1
+            if C[C_BYPASS] != 0 and slot >= C[C_CAP]:
+                Mt[M_NSCR] -= 1
+            else:
+                Mt[M_RES] -= 1
             ev[nev, 0] = t
             ev[nev, 1] = key
             ev[nev, 2] = slot

@@ -98,7 +98,7 @@ def _view(keys, owners, p):
 
 
 @njit(nogil=True, cache=True)
-def _place_reads(out, read, p, base, k, bounded):
+def _place_reads(out, read, p, base, share, total, k, bounded):
     """Partition p's read slots into ``out`` (its cells only, moved as ``PartitionedPlanner._slots`` moves
     them); returns how many cells of ``out`` no partition up to p has read."""
     flat, dst = read.reshape(-1), out.reshape(-1)
@@ -106,7 +106,12 @@ def _place_reads(out, read, p, base, k, bounded):
     for x in range(flat.size):
         r = flat[x]
         if r >= 0:
-            dst[x] = r + base if bounded else r * k + p
+            if not bounded:
+                dst[x] = r * k + p
+            elif r < share:
+                dst[x] = r + base
+            else:
+                dst[x] = total + (r - share) * k + p
         elif dst[x] < 0:
             unread += 1
     return unread
@@ -308,15 +313,24 @@ class PartitionedPlanner:
 
     # ---------------------------------------------------------- merging
     def _slots(self, p: int, slots: np.ndarray) -> np.ndarray:
-        """Partition p's slots as the trainer's: in its share, or interleaved for an unbounded policy."""
+        """Partition p's slots as the trainer's: in its share, or interleaved for an unbounded policy.
+
+        A partition's scratch slots (its share and beyond) interleave past the cache: scratch slot j
+        of partition p is the trainer's slot ``cache_rows + j K + p``.
+        """
+        slots = slots.astype(np.int64)
         if self.bounded:
-            return (slots + self.bases[p]).astype(np.int32)
-        return (slots.astype(np.int64) * self.k + p).astype(np.int32)
+            share = self.shares[p]
+            return np.where(slots < share, slots + self.bases[p],
+                            self.cfg.cache_rows + (slots - share) * self.k + p).astype(np.int32)
+        return (slots * self.k + p).astype(np.int32)
 
     def _slots_needed(self, needed: list[int]) -> int:
         """Slots the trainer's cache must have for partitions that have handed out ``needed[p]`` each."""
         if self.bounded:
-            return max((self.bases[p] + n for p, n in enumerate(needed) if n > 0), default=0)
+            return max((self.bases[p] + n if n <= self.shares[p]
+                        else self.cfg.cache_rows + (n - self.shares[p] - 1) * self.k + p + 1
+                        for p, n in enumerate(needed) if n > 0), default=0)
         return max(((n - 1) * self.k + p + 1 for p, n in enumerate(needed) if n > 0), default=0)
 
     def _merge(self, k: int, per_partition: list[list[Plan]]) -> list[Plan]:
@@ -331,7 +345,8 @@ class PartitionedPlanner:
             first = self._next_fetch[t]
             fetched = n_sync = n_join = 0
             for p, plan in enumerate(ps):
-                unread = _place_reads(read, plan.read_slots, p, self.bases[p], self.k, self.bounded)
+                unread = _place_reads(read, plan.read_slots, p, self.bases[p], self.shares[p], self.cfg.cache_rows,
+                                      self.k, self.bounded)
                 # On demand a plan installs exactly the fetches it issues, numbered from its first fetch id.
                 local = plan.install_ids - plan.first_fetch_id
                 if len(local) != len(plan.fetch_keys) or (len(local) and (local.min() < 0 or
@@ -373,12 +388,18 @@ class PartitionedPlanner:
     def _count(self, t: int, plan: Plan) -> None:
         """The trainer's stats, counted from its merged plans as the planners count them."""
         s = self.stats[t]
-        joined = int(np.count_nonzero(plan.join_send == 0))
+        joined = plan.join_send == 0
         s.rows_fetched += len(plan.fetch_keys)
-        s.rows_joined += joined
+        s.rows_joined += int(np.count_nonzero(joined))
         s.rows_synced += len(plan.sync_slots)
         s.rows_written_back += int(np.count_nonzero(plan.evict_write))
+        # The new rows: installed, or joined; those in scratch slots (past cache_rows) are bypassed.
+        # (An unbounded policy's slots interleave past cache_rows, and it never bypasses.)
+        cap = self.cfg.cache_rows if self.bounded else np.iinfo(np.int32).max
+        scratch = int(np.count_nonzero(plan.install_slots >= cap) + np.count_nonzero(plan.join_slots[joined] >= cap))
+        s.rows_bypassed += scratch
+        s.peak_scratch_rows = max(s.peak_scratch_rows, scratch)
         # Resident once this iteration's new rows are in; the evictions after it leave before the next.
-        self._resident[t] += len(plan.fetch_keys) + joined
+        self._resident[t] += len(plan.fetch_keys) + int(np.count_nonzero(joined)) - scratch
         s.peak_resident_rows = max(s.peak_resident_rows, self._resident[t])
-        self._resident[t] -= len(plan.evict_slots)
+        self._resident[t] -= int(np.count_nonzero(plan.evict_slots < cap))

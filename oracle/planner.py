@@ -39,7 +39,8 @@ __all__ = ["INF", "BatchSource", "CapacityError", "PlanError", "Planner", "Plann
            "pinned_rows"]
 
 # The kernels' counters (fetches_deferred and peak_staged_rows are oracle.staging's).
-_STAT_FIELDS = ("rows_fetched", "rows_joined", "rows_written_back", "rows_synced", "peak_resident_rows")
+_STAT_FIELDS = ("rows_fetched", "rows_joined", "rows_written_back", "rows_synced", "peak_resident_rows",
+                "rows_bypassed", "peak_scratch_rows")
 
 
 def _pow2(n: int) -> int:
@@ -113,7 +114,7 @@ class _State:
         gw = fp.G_MASKS + 2 * nw + n
         rules = cfg.rules
         self.C = np.array([rules.code, cfg.cache_rows, cfg.horizon, n, u, r, iterations,
-                           int(rules.bounded), tables, lb, nw, gw], np.int64)
+                           int(rules.bounded), tables, lb, nw, gw, int(cfg.bypasses)], np.int64)
         assert len(self.C) == fp.C_LEN
         self.n, self.u, self.r = n, u, r
         # Room for about four iterations' rows from the start (the window holds up to r, sharing hot rows).
@@ -210,7 +211,7 @@ class _State:
 
     def before_flush(self) -> None:
         """Room for the versions of the final write-backs."""
-        self._global(0, int(self.M[:, fp.M_RES].sum()))
+        self._global(0, int((self.M[:, fp.M_RES] + self.M[:, fp.M_NSCR]).sum()))
 
     def _nodes(self, need: int) -> None:
         """Room for ``need`` new queue nodes per trainer past the last one handed out."""

@@ -35,7 +35,16 @@ hold it, from the first fetch until the last of them evicts it, is an
 Capacity and prefetching: each trainer holds at most ``cache_rows`` rows.
 Residency is decided on demand: a row takes a slot in the iteration that
 first reads it, and the row displaced is the one used furthest in the future
-(Belady's rule within the horizon). Only a batch whose own rows exceed the
+(Belady's rule within the horizon).
+
+Bypass (the policies whose table row allows it, key ``oracle_bypass``): when
+a full cache must make room for a row read at k, and that row, ranked with
+its next use after k, would itself come first in the victim order, it does
+not displace anyone. It takes a slot of a per-iteration *scratch area*
+beside the cache (slots ``cache_rows``, ``cache_rows`` + 1, ... in the order
+the rows are given slots) and is evicted right after k: fetched (or joined),
+read, synced and written back like any row, for one iteration. Every
+episode rule above holds unchanged. Only a batch whose own rows exceed the
 capacity is refused, up front, with the smallest workable size. The store
 fetches are then issued up to ``lead`` iterations earlier into the trainer's
 staging area, off the cache (``oracle.staging``): prefetching moves traffic
@@ -99,8 +108,10 @@ class PlanStats:
     rows_written_back: int = 0
     rows_synced: int = 0
     fetches_deferred: int = 0  # fetches issued with less than the lead: they wait for a write-back
-    peak_resident_rows: int = 0
+    peak_resident_rows: int = 0  # in the cache proper (the scratch area not counted)
     peak_staged_rows: int = 0  # fetched ahead, waiting in the trainer's staging area
+    rows_bypassed: int = 0  # given a scratch slot for one iteration instead of a place in the cache
+    peak_scratch_rows: int = 0  # the most scratch slots one iteration used
 
 
 @dataclass
@@ -137,6 +148,8 @@ class _TrainerCache:
         self.pending_fetch: dict[int, int] = {}  # key -> fetch id, fetched but not installed
         self.next_fetch_id = 0
         self.pinned: set[int] = set()
+        self.scratch: list[int] = []  # rows in the scratch area for the iteration being planned, in slot order
+        self.scratch_peak = 0
 
     def next_use(self, key: int) -> int:
         q = self.uses.get(key)
@@ -192,6 +205,7 @@ class Planner:
         self.iterations = min(cfg.iterations, len(batches))
         self.caches = [_TrainerCache(cfg.cache_rows, cfg.rules.bounded) for _ in range(self.n)]
         self.priority = _PRIORITY[cfg.rules.victim]
+        self.bypass = cfg.bypasses
         self.window: dict[int, _IterRows] = {}
         self.loaded = 0  # iterations [0, loaded) have entered the window
         self.episodes: dict[int, _Episode] = {}
@@ -323,14 +337,18 @@ class Planner:
                     drop = [x for x in used if c.next_use(x) > k - 1 + self.cfg.horizon]
                 else:
                     drop = []
+                # The scratch area empties after every iteration (its rows in slot order), before any drop.
+                evictions[t].extend((key, self._release(c, key, scratch=True)) for key in c.scratch)
+                c.scratch = []
                 evictions[t].extend((key, self._release(c, key)) for key in drop)
         self._acquire(k, evictions)
         return evictions
 
-    def _release(self, c: _TrainerCache, key: int) -> int:
-        """Give up a row's slot; returns the slot."""
+    def _release(self, c: _TrainerCache, key: int, scratch: bool = False) -> int:
+        """Give up a row's slot (a scratch slot goes back to the scratch area, not to the cache); returns it."""
         slot = c.slot_of.pop(key)
-        c.free.append(slot)
+        if not scratch:
+            c.free.append(slot)
         c.freq.pop(key, None)
         if not c.uses.get(key):
             c.uses.pop(key, None)
@@ -350,6 +368,14 @@ class Planner:
                     victim = self._find_victim(c, k, skipped)
                     if victim is None:
                         raise PlanError(f"trainer {t} found no room for iteration {k}'s rows (internal error)")
+                    if self.bypass and self._comes_first(c, key, k, victim):
+                        self._push(c, victim)  # it stays, and stays first
+                        slot = c.capacity + len(c.scratch)
+                        c.scratch.append(key)
+                        c.slot_of[key] = slot
+                        self._new[t].append((key, slot))
+                        self.stats[t].rows_bypassed += 1
+                        continue
                     evictions[t].append((victim, self._release(c, victim)))
                     slot = c.take_slot()
                 c.slot_of[key] = slot
@@ -357,8 +383,17 @@ class Planner:
                 self._new[t].append((key, slot))
             for item in skipped:
                 heapq.heappush(c.heap, item)
-            resident = len(c.slot_of)
+            resident = len(c.slot_of) - len(c.scratch)
             self.stats[t].peak_resident_rows = max(self.stats[t].peak_resident_rows, resident)
+            c.scratch_peak = max(c.scratch_peak, len(c.scratch))
+            self.stats[t].peak_scratch_rows = c.scratch_peak
+
+    def _comes_first(self, c: _TrainerCache, key: int, k: int, victim: int) -> bool:
+        """Whether row ``key``, read at k and not resident, ranks before ``victim`` in the victim order once k
+        is done: its next use after k, no frequency yet (it has not been resident), last use k."""
+        q = c.uses[key]
+        after = q[1] if len(q) > 1 else INF
+        return (-after, 0, k, key) < self.priority(c, victim)
 
     def _plan_iteration(self, k: int) -> list[Plan]:
         """Build plan k: fetches and joins of the new rows, installs, reads and syncs."""
@@ -436,7 +471,8 @@ class Planner:
             p.join_slots = np.array([x[1] for x in join_rows[t]], dtype=np.int32)
             p.join_send = np.array([x[2] for x in join_rows[t]], dtype=np.uint8)
             p.n_join = len(join_keys)
-            p.slots_needed = c.next_slot
+            # The scratch area lies past the cache's slots; the trainer keeps the most it ever used.
+            p.slots_needed = c.capacity + c.scratch_peak if c.scratch_peak else c.next_slot
         return plans
 
     def _finish_evictions(self, plans: list[Plan], evictions: list[list[tuple[int, int]]], after: int) -> None:

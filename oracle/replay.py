@@ -95,9 +95,10 @@ def replay(plans_by_iter, batches, trainers: int, batch_size: int, capacity: int
                     tr.slot_key[slot], tr.value[slot] = join_buf[pos]
         if capacity is not None:
             for t, tr in enumerate(ts):
-                # Rows fetched ahead wait in staging, off the cache: only installed rows count.
-                held = len(tr.slot_key)
-                if held > capacity or any(s >= capacity for s in tr.slot_key):
+                # Rows fetched ahead wait in staging, off the cache: only installed rows count. Slots from
+                # ``capacity`` on are the scratch area: rows there leave after this iteration (step 7).
+                held = sum(1 for s in tr.slot_key if s < capacity)
+                if held > capacity:
                     raise ReplayError(f"iteration {i} trainer {t}: holds {held} rows, capacity {capacity}")
         # 4. reads and local gradients.
         grads: list[dict[int, int]] = []
@@ -132,6 +133,11 @@ def replay(plans_by_iter, batches, trainers: int, batch_size: int, capacity: int
                 if write:
                     store[key] = (tr.value[slot], i)
                 del tr.slot_key[slot], tr.value[slot]
+            if capacity is not None:
+                kept = sorted(s for s in tr.slot_key if s >= capacity)
+                if kept:
+                    raise ReplayError(f"iteration {i} trainer {t}: scratch slot {kept[0]} still holds row "
+                                      f"{tr.slot_key[kept[0]]} after the iteration that read it")
     for t, tr in enumerate(ts):
         if tr.slot_key or tr.staged:
             raise ReplayError(f"trainer {t} still holds {len(tr.slot_key)} rows after the final flush")

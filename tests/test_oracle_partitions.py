@@ -111,7 +111,8 @@ def test_one_partition_on_bags_plans_what_the_planner_plans():
 
 # ------------------------------------------------------------------ (b) K partitions plan correctly
 def _assert_in_shares(plans, data, cfg) -> None:
-    """Every read of a row of partition p names a slot of p's share (bounded) or of p's residue (unbounded)."""
+    """Every read of a row of partition p names a slot of p's share (bounded) or of p's residue (unbounded);
+    a row in the scratch area (bounded, past cache_rows) reads a scratch slot of its partition's residue."""
     k, shares = cfg.partitions, partition_shares(cfg.cache_rows, cfg.partitions)
     bases = np.concatenate([[0], np.cumsum(shares)])
     for i, per_trainer in plans:
@@ -120,8 +121,11 @@ def _assert_in_shares(plans, data, cfg) -> None:
             owner = partition_of(trainer_keys(keys, t, cfg.trainers), k)
             slots = plan.read_slots.astype(np.int64)
             if cfg.rules.bounded:
-                assert (slots >= bases[owner]).all() and (slots < bases[owner + 1]).all(), (i, t)
-                assert plan.slots_needed <= cfg.cache_rows
+                cached = slots < cfg.cache_rows
+                assert (slots[cached] >= bases[owner[cached]]).all(), (i, t)
+                assert (slots[cached] < bases[owner[cached] + 1]).all(), (i, t)
+                assert ((slots[~cached] - cfg.cache_rows) % k == owner[~cached]).all(), (i, t)
+                assert cfg.bypasses or cached.all()
             else:
                 assert (slots % k == owner).all(), (i, t)
             assert slots.max() < plan.slots_needed

@@ -158,12 +158,15 @@ class CachedEmbeddings(Embeddings):
 
     fetches = True
 
-    def __init__(self, cfg: CacheConfig, bounded: bool, dim: int, device: torch.device, store, io, client) -> None:
+    def __init__(self, cfg: CacheConfig, bounded: bool, dim: int, device: torch.device, store, io, client,
+                 bypass: bool = False) -> None:
         self.device, self.store, self.io, self.client = device, store, io, client
         # Sized by the plans (``slots_needed``): the oracle holds the cache to cache_rows where the
-        # policy is bounded, and says how many slots an unbounded policy needs as it goes.
-        self.cache = SlotCache(0, dim, cfg.state_width, device, cfg.optimizer, cfg.lr, cfg.eps,
-                               limit=cfg.cache_rows if bounded else None)
+        # policy is bounded, and says how many slots an unbounded policy needs as it goes. With bypass
+        # the scratch area follows the cache's slots: it holds rows of one iteration only, which are
+        # never more than cache_rows (the oracle refuses a smaller cache), so it never needs more.
+        limit = (2 * cfg.cache_rows if bypass else cfg.cache_rows) if bounded else None
+        self.cache = SlotCache(0, dim, cfg.state_width, device, cfg.optimizer, cfg.lr, cfg.eps, limit=limit)
         self.installer = RowInstaller(device)  # on CUDA: pinned memory, a side stream (trainers.cache)
 
     def next_plan(self, iteration: int) -> Plan:

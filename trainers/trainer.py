@@ -361,7 +361,8 @@ def build(cfg: RunConfig, run: RunDir, comm: Communicator, start: int = 0, envir
         job = run.job_id()
         client = PlanClient(endpoints["oracle"], job, comm.rank, cfg.plan_timeout_s, cfg.zmq_curve_dir,
                             reader.epoch_of, hello_token(read_secret(run.secret_path), job, comm.rank))
-        emb = CachedEmbeddings(cfg.cache_config(), cfg.rules.bounded, cfg.embedding_dim, device, store, io, client)
+        emb = CachedEmbeddings(cfg.cache_config(), cfg.rules.bounded, cfg.embedding_dim, device, store, io, client,
+                               bypass=cfg.oracle_config().bypasses)
     return Trainer(cfg, run, dataset, comm, start, device, model, emb, step_cls, reader, iterations)
 
 
