@@ -122,7 +122,7 @@ class SegmentedPlans:
         choice = self.planner.horizon_choice
         window = {"horizon": choice.horizon, "horizon_reason": choice.reason,
                   "window_mb": round(choice.window_bytes / 2**20, 3), "oracle_memory_mb": choice.memory_mb,
-                  "oracle_partitions": self.cfg.oracle_partitions}
+                  "oracle_partitions": self.cfg.oracle_partitions, "oracle_bypass": self.cfg.oracle_bypass}
         if not self.stats:
             self.stats = [dict(vars(s), **window) for s in stats]
             return

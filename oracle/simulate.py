@@ -81,7 +81,8 @@ def belady_fetches(batches: BatchSource, batch_size: int, trainers: int, capacit
 
 
 def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: int, lead: int, horizon: int | str,
-             iterations: int, policies: list[str], memory_mb: float = 1024.0, partitions: int = 1) -> dict:
+             iterations: int, policies: list[str], memory_mb: float = 1024.0, partitions: int = 1,
+             bypass: bool = True) -> dict:
     report = {}
     for policy in policies:
         t0 = time.perf_counter()
@@ -91,7 +92,8 @@ def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: i
                               "peak_resident_rows": cache_rows, "seconds": time.perf_counter() - t0}
             continue
         cfg = PlannerConfig(policy, cache_rows, lead, horizon if horizon == "auto" else max(horizon, lead),
-                            trainers, batch_size, iterations, memory_mb=memory_mb, partitions=partitions)
+                            trainers, batch_size, iterations, memory_mb=memory_mb, partitions=partitions,
+                            bypass=bypass)
         planner = make_planner(cfg, batches)
         for _ in planner.plans():
             pass
@@ -101,6 +103,8 @@ def simulate(batches: BatchSource, batch_size: int, cache_rows: int, trainers: i
             "rows_joined": sum(s.rows_joined for s in st),
             "rows_written_back": sum(s.rows_written_back for s in st),
             "peak_resident_rows": max(s.peak_resident_rows for s in st),
+            "rows_bypassed": sum(s.rows_bypassed for s in st),
+            "peak_scratch_rows": max(s.peak_scratch_rows for s in st),
             "fetches_deferred": sum(s.fetches_deferred for s in st),
             "peak_staged_rows": max(s.peak_staged_rows for s in st),
             "horizon": planner.cfg.horizon,
@@ -159,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracle-memory-mb", type=float, default=1024.0)
     parser.add_argument("--oracle-partitions", type=int, default=1,
                         help="planners over disjoint rows, each in its share of the cache (docs/oracle.md)")
+    parser.add_argument("--oracle-bypass", default="true", choices=["true", "false"],
+                        help="rows that would be the next victim go through a scratch area (docs/oracle.md)")
     parser.add_argument("--iterations", type=int, default=0, help="0: one epoch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shuffle", default="true", choices=["true", "false"])
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         write_trace(sparse, iterations, args.trace_out)
     try:
         report = simulate(sparse, args.batch_size, args.cache_rows, args.trainers, args.lead, args.horizon,
-                          iterations, policies, args.oracle_memory_mb, args.oracle_partitions)
+                          iterations, policies, args.oracle_memory_mb, args.oracle_partitions,
+                          args.oracle_bypass == "true")
     except (PlanError, ConfigError) as exc:
         print(f"bagpipe simulate: {exc}", file=sys.stderr)
         return 1
@@ -189,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         for p, r in report.items():
             print(f"{p:<18} fetched {r['rows_fetched']:>10}  written back {r['rows_written_back']}  "
                   f"peak resident {r['peak_resident_rows']}"
+                  + (f"  bypassed {r['rows_bypassed']} (scratch peak {r['peak_scratch_rows']})"
+                     if r.get("rows_bypassed") else "")
                   + (f"  horizon {r['horizon']} ({r['horizon_reason']}, window {r['window_mb']} MB)"
                      if "horizon" in r else ""))
     return 0
