@@ -3,11 +3,13 @@
     .venv/bin/python bench/fetches.py --data runs/data/criteo-2m/prepared [--batch-size 4096] [--iterations 400]
 
 For each capacity (a fraction of the distinct rows the run reads), prints the
-rows each policy fetches, its ratio to Belady's MIN, and the effect of the
-horizon. Every policy here reads every row from a cache slot, so plain MIN is
-the bound; MIN with bypass (a row read once goes through a per-batch scratch
-buffer beside the cache, which no policy here has) is shown for reference.
-Writes the table as Markdown to stdout and JSON beside ``--out``.
+rows ``bagpipe`` fetches with its default settings (automatic horizon, bypass
+through the scratch area), the same without bypass, at fixed horizons
+(``--horizons``), and the baselines (``--baselines``), against Belady's MIN
+(every row read from a cache slot) and MIN with bypass (a row that would be
+the next victim itself goes through a per-iteration scratch area): the issue's
+bound for a cache that has one. Writes the table as Markdown to stdout and
+JSON beside ``--out``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--iterations", type=int, default=400)
     parser.add_argument("--fractions", default="0.01,0.05,0.2")
-    parser.add_argument("--horizons", default="8,32,128")
+    parser.add_argument("--horizons", default="", help="fixed horizons to show beside 'auto' (comma-separated)")
+    parser.add_argument("--baselines", default="lru,lfu,bagpipe-original")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/fetches.json"))
     args = parser.parse_args()
     sparse = Dataset(args.data).sparse_batches(args.batch_size, seed=0)
@@ -45,7 +48,8 @@ def main() -> None:
         seen.update(u.tolist())
     distinct = len(seen)
     print(f"{iterations} iterations of {args.batch_size}: {distinct} distinct rows, at most {most} in one batch\n")
-    horizons = [int(h) for h in args.horizons.split(",")]
+    horizons = [int(h) for h in args.horizons.split(",") if h]
+    baselines = [p for p in args.baselines.split(",") if p]
     rows = []
     for frac in (float(f) for f in args.fractions.split(",")):
         cap = int(frac * distinct)
@@ -53,32 +57,35 @@ def main() -> None:
             print(f"capacity {frac:.0%} = {cap} rows < one batch's {most} rows: not workable at this batch size\n")
             continue
         result = {"fraction": frac, "cache_rows": cap}
-        base = simulate(sparse, args.batch_size, cap, 1, 2, horizons[0], iterations,
-                        ["lru", "lfu", "bagpipe-original", "belady", "belady-bypass"])
+        base = simulate(sparse, args.batch_size, cap, 1, 2, "auto", iterations, baselines + ["belady", "belady-bypass"])
         result.update({p: r["rows_fetched"] for p, r in base.items()})
-        result["bagpipe-original_peak"] = base["bagpipe-original"]["peak_resident_rows"]
-        for h in horizons:
-            r = simulate(sparse, args.batch_size, cap, 1, 2, h, iterations, ["bagpipe"])
-            result[f"bagpipe H={h}"] = r["bagpipe"]["rows_fetched"]
-            result[f"bagpipe H={h}_staged"] = r["bagpipe"]["peak_staged_rows"]
+        if "bagpipe-original" in base:
+            result["bagpipe-original_peak"] = base["bagpipe-original"]["peak_resident_rows"]
+        for label, horizon, bypass in ([("default", "auto", True), ("no bypass", "auto", False)]
+                                       + [(f"H={h}", h, True) for h in horizons]):
+            r = simulate(sparse, args.batch_size, cap, 1, 2, horizon, iterations, ["bagpipe"], bypass=bypass)["bagpipe"]
+            result[f"bagpipe {label}"] = r["rows_fetched"]
+            result[f"bagpipe {label}_detail"] = {k: r[k] for k in ("peak_staged_rows", "rows_bypassed",
+                                                                   "peak_scratch_rows", "horizon", "window_mb")}
         rows.append(result)
         print(json.dumps(result), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"distinct": distinct, "most_per_batch": most, "rows": rows}, indent=1))
-    print("\n| cache (of distinct rows) | MIN | MIN+bypass | " + " | ".join(f"bagpipe H={h}" for h in horizons)
-          + " | lru | lfu | bagpipe-original (unbounded) | bagpipe / MIN | bagpipe / MIN+bypass | lru / bagpipe "
-          "| lru / MIN |")
-    print("| --- |" + " ---: |" * (9 + len(horizons)))
+    labels = ["default", "no bypass"] + [f"H={h}" for h in horizons]
+    print("\n| cache (of distinct rows) | MIN | MIN+bypass | " + " | ".join(f"bagpipe {x}" for x in labels)
+          + "".join(f" | {p}" for p in baselines) + " | default / MIN+bypass | default / MIN | scratch peak |")
+    print("| --- |" + " ---: |" * (5 + len(labels) + len(baselines)))
     for r in rows:
-        best = min(r[f"bagpipe H={h}"] for h in horizons)
+        d = r["bagpipe default"]
         print(f"| {r['fraction']:.0%} ({r['cache_rows']:,}) | {r['belady']:,} | {r['belady-bypass']:,} | "
-              + " | ".join(f"{r[f'bagpipe H={h}']:,}" for h in horizons)
-              + f" | {r['lru']:,} | {r['lfu']:,} | {r['bagpipe-original']:,} (peak {r['bagpipe-original_peak']:,} rows) | "
-              f"{best / r['belady']:.3f} | {best / r['belady-bypass']:.3f} | {r['lru'] / best:.2f} | "
-              f"{r['lru'] / r['belady']:.2f} |")
-    print("\nPeak rows staged (fetched ahead, off the cache), bagpipe lead 2: "
-          + "; ".join(f"{r['fraction']:.0%}: " + ", ".join(f"H={h} {r[f'bagpipe H={h}_staged']:,}" for h in horizons)
-                      for r in rows))
+              + " | ".join(f"{r[f'bagpipe {x}']:,}" for x in labels)
+              + "".join(f" | {r[p]:,}" for p in baselines)
+              + f" | {d / r['belady-bypass']:.3f} | {d / r['belady']:.3f} | "
+              f"{r['bagpipe default_detail']['peak_scratch_rows']:,} |")
+    print("\nbagpipe default: " + "; ".join(
+        f"{r['fraction']:.0%}: horizon {r['bagpipe default_detail']['horizon']}, window "
+        f"{r['bagpipe default_detail']['window_mb']} MB, {r['bagpipe default_detail']['rows_bypassed']:,} rows bypassed, "
+        f"peak staged {r['bagpipe default_detail']['peak_staged_rows']:,}" for r in rows))
 
 
 if __name__ == "__main__":

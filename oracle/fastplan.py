@@ -146,28 +146,6 @@ def _prefetch(typingctx, arr, i):
     return types.void(arr, i), codegen
 
 
-@intrinsic
-def _prefetch_at(typingctx, arr, i, j):
-    """``_prefetch`` of the cache line holding ``arr[i, j]``."""
-    if not isinstance(arr, types.Array) or arr.ndim != 2:
-        return None
-
-    def codegen(context, builder, sig, args):
-        aryty = sig.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        idx = [context.cast(builder, args[1], sig.args[1], types.intp),
-               context.cast(builder, args[2], sig.args[2], types.intp)]
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False, boundscheck=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return types.void(arr, i, j), codegen
-
-
 PF = 16  # how many iterations ahead the loops prefetch
 
 
