@@ -133,7 +133,7 @@ class OracleConfig:
     """The Oracle Cacher: what it plans (policy, capacity per trainer, lead P, horizon H, for
     ``trainers`` trainers sharing global batches of ``batch_size``, ``iterations`` of them) and how
     it streams the plans (flow control, endpoint, timeout). The planners take it as their config
-    (``oracle.reference.PlannerConfig`` is this class)."""
+    (``oracle.planner_types.PlannerConfig`` is this class)."""
 
     policy: str = "bagpipe"
     cache_rows: int = 100_000  # validated by CacheConfig, the cache that holds the rows

@@ -56,7 +56,7 @@ from bagpipe.keys import ABSENT, distinct_rows_per_partition, source_keys
 from bagpipe.wire import Plan
 from oracle import planner as fast
 from oracle.horizon import resolve as resolve_horizon
-from oracle.reference import BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats, check_planned
+from oracle.planner_types import BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats, check_planned
 from oracle.staging import stage_fetches
 
 __all__ = ["PartitionedPlanner", "make_planner"]

@@ -32,8 +32,8 @@ from oracle.horizon import resolve as resolve_horizon
 from oracle.staging import stage_fetches
 from bagpipe.config import capacity_message
 from bagpipe.keys import distinct_rows_per_trainer, source_keys
-from oracle.reference import (INF, BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats,
-                              check_planned)
+from oracle.planner_types import (INF, BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats,
+                                  check_planned)
 
 __all__ = ["INF", "BatchSource", "CapacityError", "PlanError", "Planner", "PlannerConfig", "PlanStats",
            "pinned_rows"]

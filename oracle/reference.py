@@ -35,7 +35,11 @@ hold it, from the first fetch until the last of them evicts it, is an
 Capacity and prefetching: each trainer holds at most ``cache_rows`` rows.
 Residency is decided on demand: a row takes a slot in the iteration that
 first reads it, and the row displaced is the one used furthest in the future
-(Belady's rule within the horizon).
+(Belady's rule within the horizon). Only a batch whose own rows exceed the
+capacity is refused, up front, with the smallest workable size. The store
+fetches are then issued up to ``lead`` iterations earlier into the trainer's
+staging area, off the cache (``oracle.staging``): prefetching moves traffic
+off the critical path without taking slots early.
 
 Bypass (the policies whose table row allows it, key ``oracle_bypass``): when
 a full cache must make room for a row read at k, and that row, ranked with
@@ -44,11 +48,7 @@ not displace anyone. It takes a slot of a per-iteration *scratch area*
 beside the cache (slots ``cache_rows``, ``cache_rows`` + 1, ... in the order
 the rows are given slots) and is evicted right after k: fetched (or joined),
 read, synced and written back like any row, for one iteration. Every
-episode rule above holds unchanged. Only a batch whose own rows exceed the
-capacity is refused, up front, with the smallest workable size. The store
-fetches are then issued up to ``lead`` iterations earlier into the trainer's
-staging area, off the cache (``oracle.staging``): prefetching moves traffic
-off the critical path without taking slots early.
+episode rule above holds unchanged.
 """
 
 from __future__ import annotations
@@ -57,61 +57,20 @@ import heapq
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from bagpipe.config import OracleConfig, capacity_message
+from bagpipe.config import capacity_message
 from bagpipe.keys import distinct_rows_per_trainer, source_keys, trainer_keys
 from bagpipe.policies import PLANNED, policy as policy_row
 from bagpipe.wire import Plan
 from oracle.horizon import resolve as resolve_horizon
+from oracle.planner_types import (INF, BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats,  # noqa: F401
+                                  check_planned)
 from oracle.staging import stage_fetches
 
 log = logging.getLogger("bagpipe")
-
-INF = 1 << 62
-
-
-class PlanError(ValueError):
-    """The plan cannot be made with this configuration (for example, too small a cache)."""
-
-
-class CapacityError(PlanError):
-    """Trainer ``trainer`` reads ``need`` distinct rows in iteration ``iteration``, more than the cache holds
-    (``oracle.partitions`` names the cache_rows that would do for its partitions)."""
-
-    def __init__(self, message: str, trainer: int, need: int, iteration: int | None) -> None:
-        super().__init__(message)
-        self.trainer, self.need, self.iteration = trainer, need, iteration
-
-
-class BatchSource(Protocol):
-    def __len__(self) -> int: ...
-    def __getitem__(self, i: int) -> np.ndarray: ...
-
-
-# The planners' config is the oracle's: policy, capacity, lead, horizon, trainers, batch, iterations.
-PlannerConfig = OracleConfig
-
-
-def check_planned(cfg: PlannerConfig) -> None:
-    """Refuse a policy the oracle does not plan (``local`` holds every row in the trainers)."""
-    if not cfg.rules.planned:
-        raise PlanError(f"policy '{cfg.policy}' is not planned by the oracle ({', '.join(PLANNED)})")
-
-
-@dataclass
-class PlanStats:
-    rows_fetched: int = 0
-    rows_joined: int = 0
-    rows_written_back: int = 0
-    rows_synced: int = 0
-    fetches_deferred: int = 0  # fetches issued with less than the lead: they wait for a write-back
-    peak_resident_rows: int = 0  # in the cache proper (the scratch area not counted)
-    peak_staged_rows: int = 0  # fetched ahead, waiting in the trainer's staging area
-    rows_bypassed: int = 0  # given a scratch slot for one iteration instead of a place in the cache
-    peak_scratch_rows: int = 0  # the most scratch slots one iteration used
 
 
 @dataclass
