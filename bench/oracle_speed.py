@@ -52,9 +52,10 @@ def zipf_trace(iterations: int, batch: int, tables: int, rows: int, seed: int = 
 
 
 def plan_rate(trace, batch: int, trainers: int, cache_rows: int, impl=planner, ack_lag: int = -1,
-              track_memory: bool = False, partitions: int = 1) -> tuple[float, int]:
+              track_memory: bool = False, partitions: int = 1, bypass: bool = True) -> tuple[float, int]:
     """Ids planned per second over the whole trace (flush included), and the peak traced memory."""
-    cfg = impl.PlannerConfig("bagpipe", cache_rows, 2, 8, trainers, batch, len(trace), partitions=partitions)
+    cfg = impl.PlannerConfig("bagpipe", cache_rows, 2, 8, trainers, batch, len(trace), partitions=partitions,
+                             bypass=bypass)
     plan = impl.Planner(cfg, trace) if partitions == 1 else PartitionedPlanner(cfg, trace, backend=impl)
     if track_memory:
         tracemalloc.start()
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="planner runs; the median is compared")
     parser.add_argument("--ack-lag", type=int, default=-1, help="acknowledge write-backs this many iterations "
                         "behind the plan (-1: never)")
+    parser.add_argument("--bypass", default="true", choices=["true", "false"], help="oracle_bypass")
     parser.add_argument("--partitions", default="", help="comma-separated partition counts to compare, e.g. 1,2,4,8")
     args = parser.parse_args()
     impl = planner if args.planner == "fast" else reference
@@ -119,7 +121,7 @@ def main() -> None:
         print(f"planner kernels ready in {warm_up(args.tables):.1f} s (numba cache load, or first compile)")
     trace = zipf_trace(args.iterations, args.batch_size, args.tables, 1_000_000)
     cache = 60_000
-    runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag)[0]
+    runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag, bypass=args.bypass == "true")[0]
             for _ in range(args.repeats)]
     planned = float(np.median(runs))
     acks = "never acknowledged" if args.ack_lag < 0 else f"acknowledged {args.ack_lag} iterations behind"
@@ -130,7 +132,8 @@ def main() -> None:
         cores = os.cpu_count() or 1
         rates = {}
         for k in (int(x) for x in args.partitions.split(",") if x):
-            runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag, partitions=k)[0]
+            runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag, partitions=k,
+                              bypass=args.bypass == "true")[0]
                     for _ in range(args.repeats)]
             rates[k] = float(np.median(runs))
             base = rates.get(1)
