@@ -115,14 +115,15 @@ def run_sweep(cfg: RunConfig, key: str, values: list, policies: list[str], repea
               link: bool = False) -> dict:
     """The bench at each value of one config key (alternating policies within each value).
 
-    When the key is the store's (``store_*``), ``local`` and the peer, which never touch the
-    store, run at the first value only (alternating with the others there) and stand as the same
-    line at every value: a sweep costs a third less, and every point is read against one ``local``.
+    When the key is the store's or the oracle's (``store_*``, ``oracle_*``), ``local`` and the peer,
+    which touch neither, run at the first value only (alternating with the others there) and stand
+    as the same line at every value: a sweep costs a third less, and every point is read against
+    one ``local``.
     """
     points = []
     fixed: dict = {}
     for n, v in enumerate(values):
-        skip = [p for p in policies if p in STORE_FREE and key.startswith("store_") and n > 0]
+        skip = [p for p in policies if p in STORE_FREE and key.startswith(("store_", "oracle_")) and n > 0]
         report = run_bench(cfg.replace(**{key: v}), [p for p in policies if p not in skip], repeats,
                            run_dir / f"{key}={v}", link)
         if n == 0:
@@ -178,9 +179,11 @@ def _table(report: dict) -> list[str]:
         t = r.get("trainer_phase_s", {})
         ms = ", ".join(f"{1000 * t.get(k, 0.0):.1f}" for k in ("plan", "install", "evict", "forward", "backward",
                                                                 "optimizer"))
+        ratio = {k: "-" if r.get(f"ratio_to_{k}") is None else f"{r[f'ratio_to_{k}']:.2f}"
+                 for k in ("local", "torchrec", "none")}  # "-": that policy was not in the run
         lines.append(f"| {p} | {r['samples_per_s']:.0f} | {r['samples_per_s_min']:.0f}-{r['samples_per_s_max']:.0f} | "
-                     f"{r.get('ratio_to_local', float('nan')):.2f} | {r.get('ratio_to_torchrec', float('nan')):.2f} | "
-                     f"{r.get('ratio_to_none', float('nan')):.2f} | {r['stall_s']:.2f} | {r['rows_fetched']} | "
+                     f"{ratio['local']} | {ratio['torchrec']} | "
+                     f"{ratio['none']} | {r['stall_s']:.2f} | {r['rows_fetched']} | "
                      f"{r['rows_written_back']} | {rss:.0f} | {ms} |")
     local = report["policies"].get("local")
     if local and local["samples_per_s"] > 0:

@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterator
+from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 
 from bagpipe.wire import Plan
 from oracle import fastplan as fp
-from oracle.horizon import resolve as resolve_horizon
-from oracle.staging import stage_fetches
 from bagpipe.config import capacity_message
-from bagpipe.keys import distinct_rows_per_trainer, source_keys
-from oracle.planner_types import (INF, BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats,
-                                  check_planned)
+from bagpipe.keys import source_keys
+from oracle.planner_types import INF, BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats
+from oracle.shell import PlannerShell
 
 __all__ = ["INF", "BatchSource", "CapacityError", "PlanError", "Planner", "PlannerConfig", "PlanStats",
            "pinned_rows"]
@@ -268,8 +267,9 @@ class _State:
         return sum(v.nbytes for k, v in vars(self).items() if isinstance(v, np.ndarray) and k != "E32")
 
 
-class Planner:
-    """Plans iterations 0..iterations-1 for every trainer; see the module docstring.
+class Planner(PlannerShell):
+    """Plans iterations 0..iterations-1 for every trainer; see the module docstring, and
+    ``oracle.shell`` for the loop.
 
     Use ``plans()`` for the stream of ``(iteration, [Plan per trainer])``.
     The planner keeps only the window [current, current + horizon] of
@@ -279,19 +279,12 @@ class Planner:
 
     def __init__(self, cfg: PlannerConfig, batches: BatchSource, pinned: list[set[int]] | None = None,
                  workers: int | None = None) -> None:
-        check_planned(cfg)
         # Threads for the per-trainer kernels and the next batch's loading (default: one per trainer, up to
         # the cores); 0 runs them in the caller's thread, one after another.
         cores = os.cpu_count() or 1
         self.workers = (min(cfg.trainers, cores) if cores > 1 else 0) if workers is None else max(0, workers)
-        cfg, self.horizon_choice = resolve_horizon(cfg, batches)
-        self.cfg = cfg
-        self.batches = batches
-        self.n = cfg.trainers
-        self.local_b = cfg.batch_size // cfg.trainers
-        self.iterations = min(cfg.iterations, len(batches))
-        self.stats = [PlanStats() for _ in range(self.n)]
-        self.wb_applied_through = -1  # every write-back after iterations <= this has landed
+        super().__init__(cfg, batches)
+        cfg = self.cfg  # with the horizon resolved
         self._pinned: list[np.ndarray] | None = None
         if cfg.rules.pins:
             if pinned is None:
@@ -301,6 +294,10 @@ class Planner:
         self._pool: ThreadPoolExecutor | None = None
         self._loading: list[Future] = []  # the next batch, loading while the current one is planned
         self._loaded = 0  # iterations [0, loaded) have entered the window
+        # Between a step and its plan: whether the next batch is loading, and a loading error, raised
+        # at the next step (where the reference, which loads there, raises it).
+        self._next_loading = False
+        self._load_failed: PlanError | None = None
 
     # ------------------------------------------------------------- window
     def _rows(self, i: int) -> np.ndarray:
@@ -346,19 +343,10 @@ class Planner:
                                                          self.min_cache_rows()), t, int(s.distinct[t]), i)
         self._loaded += 1
 
-    def min_cache_rows(self) -> int:
-        """The smallest capacity that can run: the most distinct rows one trainer reads in one iteration."""
-        tables = getattr(self.batches, "column_tables", None)
-        return max((int(distinct_rows_per_trainer(self.batches[i], self.n, tables).max()) for i in range(self.iterations)),
-                   default=0)
-
-    def note_writebacks_applied(self, through_iteration: int) -> None:
-        """Write-backs after iterations <= ``through_iteration`` have landed (trainer acks)."""
-        if through_iteration > self.wb_applied_through:
-            self.wb_applied_through = through_iteration
-            if self._state is not None:
-                s = self._state
-                fp.forget_writebacks(through_iteration, s.GM, s.LW, s.WQ)
+    def _forget_writebacks(self, through_iteration: int) -> None:
+        if self._state is not None:
+            s = self._state
+            fp.forget_writebacks(through_iteration, s.GM, s.LW, s.WQ)
 
     def state_rows(self) -> int:
         """Rows the planner tracks now (resident, in the window, in an episode, or with a write-back in flight)."""
@@ -375,17 +363,12 @@ class Planner:
         for job in self._loading:
             job.exception()
 
-    # ------------------------------------------------------------- planning
-    def plans(self) -> Iterator[tuple[int, list[Plan]]]:
-        """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer."""
-        return stage_fetches(self.on_demand_plans(), self.cfg.fetch_lead, self.stats)
-
-    def on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
-        """The plans with every fetch issued in the iteration that first reads the row (each plan
-        installs exactly the fetches it issues); ``plans()`` moves the fetches ahead."""
+    # ------------------------------------------------------------- planning (oracle.shell runs the loop)
+    @contextmanager
+    def _running(self):
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="planner") if self.workers else None
         try:
-            yield from self._on_demand_plans()
+            yield
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -404,62 +387,60 @@ class Planner:
                 job.result()
         return jobs
 
-    def _on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
-        """The plans with every fetch issued in the iteration that first reads the row."""
+    def _step(self, k: int) -> tuple:
+        if self._load_failed is not None:
+            raise self._load_failed
         ahead = self.cfg.horizon
-        prev: list[Plan] | None = None
-        failed: PlanError | None = None  # loading the next batch failed: raised where the reference raises it
-        for k in range(self.iterations):
-            if failed is not None:
-                raise failed
-            self._load(k + ahead)
-            s = self._state
-            s.before_step(k)
-            self._each_trainer(lambda t: fp.advance(
-                s.C, t, k, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wx, s.S, s.Q, s.QH,
-                s.QL, s.HP, s.HN, s.GE, s.ST, s.WEV, s.WNEW, s.counts))
-            # The next step's batch loads while this step plans: loading touches only the trainers'
-            # windows (fields of the rows that planning does not write), planning only the rest.
-            jobs: list[Future] = []
-            loading = self._loaded == k + ahead + 1 < self.iterations
-            if loading:
-                try:
-                    jobs = self._loading = self._start_load()
-                except PlanError as exc:
-                    failed, loading = exc, False
-            out = fp.finish_step(s.C, k, s.GE, s.GM, s.GFS, s.Gh, s.LW, s.WQ, s.ST, s.WEV, s.WNEW, s.counts,
-                                 s.WEVF, s.WNEWF, s.new_off)
-            err, err_t = out[0], out[1]
-            if err != fp.ERR_OK:
-                for job in jobs:
-                    job.result()
-            if err == fp.ERR_NO_ROOM:
-                raise PlanError(f"trainer {err_t} found no room for iteration {k}'s rows (internal error)")
-            if err != fp.ERR_OK:
-                raise PlanError(f"trainer {err_t}: planner state is inconsistent at iteration {k} (internal error)")
-            self._sync_stats()
-            if prev is not None:
-                self._attach_evictions(prev, out[2:])
-                yield k - 1, prev
-            # Plan k only now, as the reference does: acknowledgements received while the
-            # consumer held plan k-1 already decide the versions plan k's fetches name.
-            planned = fp.plan_iteration(s.C, k, s.E64, s.E32, s.M, s.Wu, s.Wn, s.Wi, s.Gh, s.GE, s.GM, s.GFS,
-                                        s.LW, s.ST, s.WNEWF, s.new_off, s.WJR, s.WIN)
-            if loading:
-                try:
-                    self._end_load(jobs)
-                except PlanError as exc:
-                    failed = exc
-            self._sync_stats()
-            prev = self._assemble(k, planned)
-        if prev is not None:
-            s = self._state
-            s.before_flush()
-            out = fp.flush(s.C, self.iterations - 1, s.E64, s.E32, s.EFS, s.Hh, s.M, s.S, s.QL, s.Gh,
-                           s.GE, s.GM, s.GFS, s.LW, s.WQ, s.ST)
-            self._sync_stats()
-            self._attach_evictions(prev, out)
-            yield self.iterations - 1, prev
+        self._load(k + ahead)
+        s = self._state
+        s.before_step(k)
+        self._each_trainer(lambda t: fp.advance(
+            s.C, t, k, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wx, s.S, s.Q, s.QH,
+            s.QL, s.HP, s.HN, s.GE, s.ST, s.WEV, s.WNEW, s.counts))
+        # The next step's batch loads while this step plans: loading touches only the trainers'
+        # windows (fields of the rows that planning does not write), planning only the rest.
+        jobs: list[Future] = []
+        self._next_loading = self._loaded == k + ahead + 1 < self.iterations
+        if self._next_loading:
+            try:
+                jobs = self._loading = self._start_load()
+            except PlanError as exc:
+                self._load_failed, self._next_loading = exc, False
+        out = fp.finish_step(s.C, k, s.GE, s.GM, s.GFS, s.Gh, s.LW, s.WQ, s.ST, s.WEV, s.WNEW, s.counts,
+                             s.WEVF, s.WNEWF, s.new_off)
+        err, err_t = out[0], out[1]
+        if err != fp.ERR_OK:
+            for job in jobs:
+                job.result()
+        if err == fp.ERR_NO_ROOM:
+            raise PlanError(f"trainer {err_t} found no room for iteration {k}'s rows (internal error)")
+        if err != fp.ERR_OK:
+            raise PlanError(f"trainer {err_t}: planner state is inconsistent at iteration {k} (internal error)")
+        self._sync_stats()
+        return out[2:]
+
+    def _attach(self, plans: list[Plan], evictions: tuple, after: int) -> None:
+        self._attach_evictions(plans, evictions)
+
+    def _plan(self, k: int) -> list[Plan]:
+        s = self._state
+        planned = fp.plan_iteration(s.C, k, s.E64, s.E32, s.M, s.Wu, s.Wn, s.Wi, s.Gh, s.GE, s.GM, s.GFS,
+                                    s.LW, s.ST, s.WNEWF, s.new_off, s.WJR, s.WIN)
+        if self._next_loading:
+            try:
+                self._end_load(self._loading)
+            except PlanError as exc:
+                self._load_failed = exc
+        self._sync_stats()
+        return self._assemble(k, planned)
+
+    def _flush(self, after: int) -> tuple:
+        s = self._state
+        s.before_flush()
+        out = fp.flush(s.C, after, s.E64, s.E32, s.EFS, s.Hh, s.M, s.S, s.QL, s.Gh,
+                       s.GE, s.GM, s.GFS, s.LW, s.WQ, s.ST)
+        self._sync_stats()
+        return out
 
     def _sync_stats(self) -> None:
         st = self._state.ST

@@ -57,18 +57,17 @@ import heapq
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from bagpipe.config import capacity_message
-from bagpipe.keys import distinct_rows_per_trainer, source_keys, trainer_keys
+from bagpipe.keys import source_keys, trainer_keys
 from bagpipe.policies import PLANNED, policy as policy_row
 from bagpipe.wire import Plan
-from oracle.horizon import resolve as resolve_horizon
 from oracle.planner_types import (INF, BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats,  # noqa: F401
                                   check_planned)
-from oracle.staging import stage_fetches
+from oracle.shell import PlannerShell
 
 log = logging.getLogger("bagpipe")
 
@@ -145,8 +144,10 @@ _PRIORITY: dict[str, Callable[[_TrainerCache, int], tuple]] = {
 }
 
 
-class Planner:
-    """Plans iterations 0..iterations-1 for every trainer; see the module docstring.
+class Planner(PlannerShell):
+    """Plans iterations 0..iterations-1 for every trainer; see the module docstring, and
+    ``oracle.shell`` for the loop (a step: ``_load`` and ``_advance``, ``_finish_evictions``,
+    ``_plan_iteration``).
 
     Use ``plans()`` for the stream of ``(iteration, [Plan per trainer])``.
     The planner keeps only the window [current, current + horizon] of
@@ -155,13 +156,8 @@ class Planner:
     """
 
     def __init__(self, cfg: PlannerConfig, batches: BatchSource, pinned: list[set[int]] | None = None) -> None:
-        check_planned(cfg)
-        cfg, self.horizon_choice = resolve_horizon(cfg, batches)
-        self.cfg = cfg
-        self.batches = batches
-        self.n = cfg.trainers
-        self.local_b = cfg.batch_size // cfg.trainers
-        self.iterations = min(cfg.iterations, len(batches))
+        super().__init__(cfg, batches)
+        cfg = self.cfg  # with the horizon resolved
         self.caches = [_TrainerCache(cfg.cache_rows, cfg.rules.bounded) for _ in range(self.n)]
         self.priority = _PRIORITY[cfg.rules.victim]
         self.bypass = cfg.bypasses
@@ -170,8 +166,6 @@ class Planner:
         self.episodes: dict[int, _Episode] = {}
         # version of the last write-back of a row whose write-back may not have landed yet
         self.last_wb: dict[int, int] = {}
-        self.wb_applied_through = -1  # every write-back after iterations <= this has landed
-        self.stats = [PlanStats() for _ in range(self.n)]
         if cfg.rules.pins:
             if pinned is None:
                 pinned = pinned_rows(cfg, batches)
@@ -213,22 +207,14 @@ class Planner:
             self.window[i] = rows
             self.loaded += 1
 
-    def min_cache_rows(self) -> int:
-        """The smallest capacity that can run: the most distinct rows one trainer reads in one iteration."""
-        tables = getattr(self.batches, "column_tables", None)
-        return max((int(distinct_rows_per_trainer(self.batches[i], self.n, tables).max()) for i in range(self.iterations)),
-                   default=0)
-
     def _push(self, c: _TrainerCache, key: int) -> None:
         heapq.heappush(c.heap, (self.priority(c, key), key))
 
-    def note_writebacks_applied(self, through_iteration: int) -> None:
-        """Write-backs after iterations <= ``through_iteration`` have landed (trainer acks)."""
-        if through_iteration > self.wb_applied_through:
-            self.wb_applied_through = through_iteration
-            stale = [k for k, v in self.last_wb.items() if v <= through_iteration]
-            for k in stale:
-                del self.last_wb[k]
+    def _forget_writebacks(self, through_iteration: int) -> None:
+        """Write-backs after iterations <= ``through_iteration`` have landed: fetches no longer wait for them."""
+        stale = [k for k, v in self.last_wb.items() if v <= through_iteration]
+        for k in stale:
+            del self.last_wb[k]
 
     # ------------------------------------------------------------ victims
     def _find_victim(self, c: _TrainerCache, need_at: int, skipped: list) -> int | None:
@@ -250,25 +236,19 @@ class Planner:
             return key
         return None
 
-    # ------------------------------------------------------------- planning
-    def plans(self) -> Iterator[tuple[int, list[Plan]]]:
-        """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer."""
-        return stage_fetches(self.on_demand_plans(), self.cfg.fetch_lead, self.stats)
+    # ------------------------------------------------------------- planning (oracle.shell runs the loop)
+    def _step(self, k: int) -> list[list[tuple[int, int]]]:
+        self._load(k + self.cfg.horizon)
+        return self._advance(k)
 
-    def on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
-        """The plans with every fetch issued in the iteration that first reads the row (each plan
-        installs exactly the fetches it issues); ``plans()`` moves the fetches ahead."""
-        prev: list[Plan] | None = None
-        for k in range(self.iterations):
-            self._load(k + self.cfg.horizon)
-            evictions = self._advance(k)
-            if prev is not None:
-                self._finish_evictions(prev, evictions, k - 1)
-                yield k - 1, prev
-            prev = self._plan_iteration(k)
-        if prev is not None:
-            self._flush_all(prev, self.iterations - 1)
-            yield self.iterations - 1, prev
+    def _attach(self, plans: list[Plan], evictions: list[list[tuple[int, int]]], after: int) -> None:
+        self._finish_evictions(plans, evictions, after)
+
+    def _plan(self, k: int) -> list[Plan]:
+        return self._plan_iteration(k)
+
+    def _flush(self, after: int) -> list[list[tuple[int, int]]]:
+        return self._evict_all()
 
     def _advance(self, k: int) -> list[list[tuple[int, int]]]:
         """Retire iteration k-1's uses and choose what each trainer evicts after it: (key, slot) each."""
@@ -454,13 +434,13 @@ class Planner:
             p.evict_keys = np.array([key for key, _ in ev], dtype=np.int64)
             p.evict_write = np.array(write, dtype=np.uint8)
 
-    def _flush_all(self, plans: list[Plan], after: int) -> None:
-        """After the last iteration every cached row is evicted, and written back once."""
+    def _evict_all(self) -> list[list[tuple[int, int]]]:
+        """After the last iteration every cached row is evicted (and, by ``_finish_evictions``, written back once)."""
         evictions: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
         for t, c in enumerate(self.caches):
             for key in list(c.slot_of):
                 evictions[t].append((key, self._release(c, key)))
-        self._finish_evictions(plans, evictions, after)
+        return evictions
 
 
 def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:

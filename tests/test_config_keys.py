@@ -15,7 +15,7 @@ from bagpipe.keys import initial_rows, key_row, key_table, make_keys
 @pytest.mark.parametrize("override, key", [
     ("trainers=0", "trainers"), ("batch_size=1001", "batch_size"), ("policy=fifo", "policy"),
     ("lead=4", "horizon"), ("optimizer=adam", "optimizer"), ("cache_rows=0", "cache_rows"),
-    ("redis_persistence=maybe", "redis_persistence"), ("lr=-1", "lr"),
+    ("redis_persistence=maybe", "redis_persistence"), ("lr=-1", "lr"), ("oracle_bypass=maybe", "oracle_bypass"),
 ])
 def test_bad_values_name_the_key(override, key):
     extra = ["horizon=2"] if override.startswith("lead") else []
