@@ -89,7 +89,10 @@ def test_worker_processes_plan_what_one_oracle_plans(small_criteo, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_worker_stops_the_job_naming_it_and_a_resume_reaches_the_same_model(small_criteo, tmp_path):
-    settings = dict(SETTINGS, policy="bagpipe", oracle_partitions=2, oracle_workers=1, store_latency_us=3000)
+    # max_ahead 2: the worker (held to it by credits) still has iterations to plan when it is killed after the
+    # first checkpoint; with the default 16 it could be done with all 24 by then, and the job would rightly finish.
+    settings = dict(SETTINGS, policy="bagpipe", oracle_partitions=2, oracle_workers=1, store_latency_us=3000,
+                    max_ahead=2)
     run_job(_cfg(small_criteo, **{k: v for k, v in settings.items() if k not in SETTINGS}), tmp_path / "ref",
             quiet=True)
     run_dir = tmp_path / "run"

@@ -81,7 +81,9 @@ def _fewest_fetches(seq: list[set[int]], capacity: int) -> int:
     """The exact optimum with a scratch area, by search over every cache content after every iteration.
 
     A relaxation of the planners' rules, so a lower bound on any plan: here a row read through the
-    scratch area may also stay, in place of one read in the same iteration.
+    scratch area may also stay, in place of one read in the same iteration. Only full caches are kept
+    (as full as the rows seen allow): holding more rows never costs a fetch, since a row can leave at
+    any later step for free.
     """
     import itertools
 
@@ -91,11 +93,10 @@ def _fewest_fetches(seq: list[set[int]], capacity: int) -> int:
         for held, cost in costs.items():
             cost += len(rows - held)
             pool = sorted(held | rows)
-            for r in range(min(capacity, len(pool)) + 1):
-                for kept in itertools.combinations(pool, r):
-                    key = frozenset(kept)
-                    if after.get(key, cost + 1) > cost:
-                        after[key] = cost
+            for kept in itertools.combinations(pool, min(capacity, len(pool))):
+                key = frozenset(kept)
+                if after.get(key, cost + 1) > cost:
+                    after[key] = cost
         costs = after
     return min(costs.values())
 
