@@ -75,17 +75,16 @@ def main() -> None:
     print("\n| cache (of distinct rows) | MIN | MIN+bypass | " + " | ".join(f"bagpipe {x}" for x in labels)
           + "".join(f" | {p}" for p in baselines) + " | default / MIN+bypass | default / MIN | scratch peak |")
     print("| --- |" + " ---: |" * (5 + len(labels) + len(baselines)))
+    notes = []
     for r in rows:
-        d = r["bagpipe default"]
+        d, detail = r["bagpipe default"], r["bagpipe default_detail"]
         print(f"| {r['fraction']:.0%} ({r['cache_rows']:,}) | {r['belady']:,} | {r['belady-bypass']:,} | "
               + " | ".join(f"{r[f'bagpipe {x}']:,}" for x in labels)
               + "".join(f" | {r[p]:,}" for p in baselines)
-              + f" | {d / r['belady-bypass']:.3f} | {d / r['belady']:.3f} | "
-              f"{r['bagpipe default_detail']['peak_scratch_rows']:,} |")
-    print("\nbagpipe default: " + "; ".join(
-        f"{r['fraction']:.0%}: horizon {r['bagpipe default_detail']['horizon']}, window "
-        f"{r['bagpipe default_detail']['window_mb']} MB, {r['bagpipe default_detail']['rows_bypassed']:,} rows bypassed, "
-        f"peak staged {r['bagpipe default_detail']['peak_staged_rows']:,}" for r in rows))
+              + f" | {d / r['belady-bypass']:.3f} | {d / r['belady']:.3f} | {detail['peak_scratch_rows']:,} |")
+        notes.append(f"{r['fraction']:.0%}: horizon {detail['horizon']}, window {detail['window_mb']} MB, "
+                     f"{detail['rows_bypassed']:,} rows bypassed, peak staged {detail['peak_staged_rows']:,}")
+    print("\nbagpipe default: " + "; ".join(notes))
 
 
 if __name__ == "__main__":

@@ -107,7 +107,6 @@ class _TrainerCache:
         self.next_fetch_id = 0
         self.pinned: set[int] = set()
         self.scratch: list[int] = []  # rows in the scratch area for the iteration being planned, in slot order
-        self.scratch_peak = 0
 
     def next_use(self, key: int) -> int:
         q = self.uses.get(key)
@@ -324,8 +323,7 @@ class Planner(PlannerShell):
                 heapq.heappush(c.heap, item)
             resident = len(c.slot_of) - len(c.scratch)
             self.stats[t].peak_resident_rows = max(self.stats[t].peak_resident_rows, resident)
-            c.scratch_peak = max(c.scratch_peak, len(c.scratch))
-            self.stats[t].peak_scratch_rows = c.scratch_peak
+            self.stats[t].peak_scratch_rows = max(self.stats[t].peak_scratch_rows, len(c.scratch))
 
     def _comes_first(self, c: _TrainerCache, key: int, k: int, victim: int) -> bool:
         """Whether row ``key``, read at k and not resident, ranks before ``victim`` in the victim order once k
@@ -411,7 +409,8 @@ class Planner(PlannerShell):
             p.join_send = np.array([x[2] for x in join_rows[t]], dtype=np.uint8)
             p.n_join = len(join_keys)
             # The scratch area lies past the cache's slots; the trainer keeps the most it ever used.
-            p.slots_needed = c.capacity + c.scratch_peak if c.scratch_peak else c.next_slot
+            peak = self.stats[t].peak_scratch_rows
+            p.slots_needed = c.capacity + peak if peak else c.next_slot
         return plans
 
     def _finish_evictions(self, plans: list[Plan], evictions: list[list[tuple[int, int]]], after: int) -> None:
