@@ -36,9 +36,14 @@ class WireError(RuntimeError):
     """A message that is malformed, corrupted, out of order or from another job."""
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Plan:
     """What one trainer does at one iteration, in cache slots.
+
+    Frozen: each stage that derives a plan builds a new one (``oracle.shell``
+    builds the on-demand plan once its evictions are known; ``oracle.staging``
+    the plan handed out, with its fetches moved ahead and its iterations
+    numbered for the run), so a plan once handed on is never changed.
 
     Order of use on the trainer at iteration ``iteration``:
       1. issue ``fetch_*`` (store reads into staging, off the cache, for this
@@ -87,10 +92,10 @@ class Plan:
     SCALARS = ("n_sync", "n_join", "first_fetch_id", "slots_needed")
 
     @classmethod
-    def empty(cls, iteration: int, rank: int, batch: int, tables: int) -> "Plan":
+    def of(cls, iteration: int, rank: int, **given) -> "Plan":
+        """A plan of ``given`` fields (``read_slots`` among them); every array not given is empty."""
         arrays = {name: np.zeros(0, dtype) for name, dtype in cls.ARRAYS}
-        arrays["read_slots"] = np.zeros((batch, tables), np.int32)
-        return cls(iteration=iteration, rank=rank, **arrays)
+        return cls(iteration=iteration, rank=rank, **{**arrays, **given})
 
 
 def _pack(kind: bytes, header: dict, arrays: list[tuple[str, np.ndarray]]) -> list:

@@ -228,9 +228,10 @@ class PartitionedPlanner:
         self._resident = [0] * self.n
 
     # ---------------------------------------------------------- the planner's interface
-    def plans(self) -> Iterator[tuple[int, list[Plan]]]:
-        """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer."""
-        return stage_fetches(self.on_demand_plans(), self.cfg.fetch_lead, self.stats)
+    def plans(self, offset: int = 0) -> Iterator[tuple[int, list[Plan]]]:
+        """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer (numbered from ``offset``,
+        as ``oracle.shell.PlannerShell.plans``)."""
+        return stage_fetches(self.on_demand_plans(), self.cfg.fetch_lead, self.stats, offset)
 
     def note_writebacks_applied(self, through_iteration: int) -> None:
         """Write-backs after iterations <= ``through_iteration`` have landed (trainer acks)."""

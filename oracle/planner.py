@@ -13,8 +13,8 @@ work in compiled kernels (``oracle.fastplan``) over numpy state whose size
 follows the window and the cache, never the tables. Python here only checks
 the batches, grows the state between kernel calls, runs the per-trainer
 kernels in a small thread pool (one thread per trainer, up to the cores;
-the kernels release the GIL), and wraps the kernels' arrays into ``Plan``
-objects. Its results do not depend on the threads: each per-trainer kernel
+the kernels release the GIL), and slices the kernels' arrays into each
+plan's fields (``oracle.shell`` builds the plans). Its results do not depend on the threads: each per-trainer kernel
 writes only its trainer's state.
 """
 
@@ -27,7 +27,6 @@ from typing import Callable
 
 import numpy as np
 
-from bagpipe.wire import Plan
 from oracle import fastplan as fp
 from bagpipe.config import capacity_message
 from bagpipe.keys import source_keys
@@ -419,10 +418,13 @@ class Planner(PlannerShell):
         self._sync_stats()
         return out[2:]
 
-    def _attach(self, plans: list[Plan], evictions: tuple, after: int) -> None:
-        self._attach_evictions(plans, evictions)
+    def _attach(self, evictions: tuple, after: int) -> list[dict]:
+        # The kernels settled the writers already (finish_step, flush).
+        ev_key, ev_slot, ev_write, ev_off = evictions
+        return [dict(evict_slots=ev_slot[a:b], evict_keys=ev_key[a:b], evict_write=ev_write[a:b])
+                for a, b in zip(ev_off[:-1], ev_off[1:])]
 
-    def _plan(self, k: int) -> list[Plan]:
+    def _plan(self, k: int) -> list[dict]:
         s = self._state
         planned = fp.plan_iteration(s.C, k, s.E64, s.E32, s.M, s.Wu, s.Wn, s.Wi, s.Gh, s.GE, s.GM, s.GFS,
                                     s.LW, s.ST, s.WNEWF, s.new_off, s.WJR, s.WIN)
@@ -449,36 +451,22 @@ class Planner(PlannerShell):
                 if name is not None:
                     setattr(s, name, int(st[t, c]))
 
-    def _assemble(self, k: int, out: tuple) -> list[Plan]:
+    def _assemble(self, k: int, out: tuple) -> list[dict]:
         (read, f_key, f_ver, f_off, first_fid, in_id, in_slot, in_off,
          sy_pos, sy_slot, sy_off, n_sync, jo_pos, jo_slot, jo_send, jo_off, n_join, slots_needed) = out
-        plans = []
+        planned = []
         for t in range(self.n):
             a, b = f_off[t], f_off[t + 1]
             c, d = in_off[t], in_off[t + 1]
             e, f = sy_off[t], sy_off[t + 1]
             g, h = jo_off[t], jo_off[t + 1]
-            plans.append(Plan(
-                iteration=k, rank=t, read_slots=read[t], fetch_keys=f_key[a:b], fetch_versions=f_ver[a:b],
+            planned.append(dict(
+                read_slots=read[t], fetch_keys=f_key[a:b], fetch_versions=f_ver[a:b],
                 install_ids=in_id[c:d], install_slots=in_slot[c:d], sync_pos=sy_pos[e:f], sync_slots=sy_slot[e:f],
                 join_pos=jo_pos[g:h], join_slots=jo_slot[g:h], join_send=jo_send[g:h],
-                evict_slots=_EMPTY_I32, evict_keys=_EMPTY_I64, evict_write=_EMPTY_U8,
                 n_sync=int(n_sync), n_join=int(n_join), first_fetch_id=int(first_fid[t]),
                 slots_needed=int(slots_needed[t])))
-        return plans
-
-    def _attach_evictions(self, plans: list[Plan], out: tuple) -> None:
-        ev_key, ev_slot, ev_write, ev_off = out
-        for t, p in enumerate(plans):
-            a, b = ev_off[t], ev_off[t + 1]
-            p.evict_slots = ev_slot[a:b]
-            p.evict_keys = ev_key[a:b]
-            p.evict_write = ev_write[a:b]
-
-
-_EMPTY_I32 = np.zeros(0, np.int32)
-_EMPTY_I64 = np.zeros(0, np.int64)
-_EMPTY_U8 = np.zeros(0, np.uint8)
+        return planned
 
 
 def pinned_rows(cfg: PlannerConfig, batches: BatchSource) -> list[set[int]]:

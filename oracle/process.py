@@ -25,7 +25,6 @@ from bagpipe.log import init_logger
 from bagpipe.auth import AuthError, hello_valid, read_secret
 from bagpipe.wire import (MAX_CONTROL_BYTES, Control, Credit, End, Error, Hello, WireError, decode_control,
                          encode_control, encode_plan)
-import numpy as np
 
 from oracle.partitions import make_planner
 from oracle.workers import RemotePartition, WorkerError, WorkerLink, owner_of, partitions_of
@@ -101,12 +100,7 @@ class SegmentedPlans:
                      f"; {parts} partitions planned in threads" if parts > 1 and not workers else
                      f"; {parts} partitions, {parts - len(remote)} planned here and {len(remote)} by "
                      f"{workers} worker process(es)" if workers else "")
-            for i, plans in self.planner.plans():
-                for p in plans:
-                    p.iteration = i + lo
-                    if len(p.fetch_versions):
-                        p.fetch_versions = np.where(p.fetch_versions >= 0, p.fetch_versions + lo, p.fetch_versions)
-                yield i + lo, plans
+            yield from self.planner.plans(offset=lo)
             self._add_stats(self.planner.stats)
 
     def epoch_of(self, i: int) -> int:

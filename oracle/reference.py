@@ -64,7 +64,6 @@ import numpy as np
 from bagpipe.config import capacity_message
 from bagpipe.keys import source_keys, trainer_keys
 from bagpipe.policies import PLANNED, policy as policy_row
-from bagpipe.wire import Plan
 from oracle.planner_types import (INF, BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats,  # noqa: F401
                                   check_planned)
 from oracle.shell import PlannerShell
@@ -240,10 +239,10 @@ class Planner(PlannerShell):
         self._load(k + self.cfg.horizon)
         return self._advance(k)
 
-    def _attach(self, plans: list[Plan], evictions: list[list[tuple[int, int]]], after: int) -> None:
-        self._finish_evictions(plans, evictions, after)
+    def _attach(self, evictions: list[list[tuple[int, int]]], after: int) -> list[dict]:
+        return self._finish_evictions(evictions, after)
 
-    def _plan(self, k: int) -> list[Plan]:
+    def _plan(self, k: int) -> list[dict]:
         return self._plan_iteration(k)
 
     def _flush(self, after: int) -> list[list[tuple[int, int]]]:
@@ -332,9 +331,9 @@ class Planner(PlannerShell):
         after = q[1] if len(q) > 1 else INF
         return (-after, 0, k, key) < self.priority(c, victim)
 
-    def _plan_iteration(self, k: int) -> list[Plan]:
-        """Build plan k: fetches and joins of the new rows, installs, reads and syncs."""
-        plans = [Plan.empty(k, t, self.local_b, 0) for t in range(self.n)]
+    def _plan_iteration(self, k: int) -> list[dict]:
+        """Plan k's fields per trainer: fetches and joins of the new rows, installs, reads and syncs."""
+        reads: list[np.ndarray] = []
         fetches: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]  # (key, version)
         joins: dict[int, list[tuple[int, int, int]]] = {}  # key -> [(trainer, slot, send)]
         installs: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]  # (fetch id, slot)
@@ -380,7 +379,7 @@ class Planner(PlannerShell):
             inverse = rows.inverse[t]
             read = np.full(inverse.shape, -1, np.int32)  # an absent cell reads nothing here
             read[inverse >= 0] = slots[inverse[inverse >= 0]]
-            plans[t].read_slots = read
+            reads.append(read)
         # 3. Syncs: rows used now and held by two or more trainers.
         sync_keys = sorted(key for key in used_by if len(self.episodes[key].present) > 1)
         sync: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
@@ -393,28 +392,30 @@ class Planner(PlannerShell):
         for pos, key in enumerate(join_keys):
             for t, slot, send in joins[key]:
                 join_rows[t].append((pos, slot, send))
-        for t, p in enumerate(plans):
-            c = self.caches[t]
+        planned = []
+        for t, c in enumerate(self.caches):
             f = fetches[t]
-            p.fetch_keys = np.array([x[0] for x in f], dtype=np.int64)
-            p.fetch_versions = np.array([x[1] for x in f], dtype=np.int64)
-            p.first_fetch_id = first_ids[t]
-            p.install_ids = np.array([x[0] for x in installs[t]], dtype=np.int64)
-            p.install_slots = np.array([x[1] for x in installs[t]], dtype=np.int32)
-            p.sync_pos = np.array([x[0] for x in sync[t]], dtype=np.int32)
-            p.sync_slots = np.array([x[1] for x in sync[t]], dtype=np.int32)
-            p.n_sync = len(sync_keys)
-            p.join_pos = np.array([x[0] for x in join_rows[t]], dtype=np.int32)
-            p.join_slots = np.array([x[1] for x in join_rows[t]], dtype=np.int32)
-            p.join_send = np.array([x[2] for x in join_rows[t]], dtype=np.uint8)
-            p.n_join = len(join_keys)
             # The scratch area lies past the cache's slots; the trainer keeps the most it ever used.
             peak = self.stats[t].peak_scratch_rows
-            p.slots_needed = c.capacity + peak if peak else c.next_slot
-        return plans
+            planned.append(dict(
+                read_slots=reads[t],
+                fetch_keys=np.array([x[0] for x in f], dtype=np.int64),
+                fetch_versions=np.array([x[1] for x in f], dtype=np.int64),
+                first_fetch_id=first_ids[t],
+                install_ids=np.array([x[0] for x in installs[t]], dtype=np.int64),
+                install_slots=np.array([x[1] for x in installs[t]], dtype=np.int32),
+                sync_pos=np.array([x[0] for x in sync[t]], dtype=np.int32),
+                sync_slots=np.array([x[1] for x in sync[t]], dtype=np.int32),
+                n_sync=len(sync_keys),
+                join_pos=np.array([x[0] for x in join_rows[t]], dtype=np.int32),
+                join_slots=np.array([x[1] for x in join_rows[t]], dtype=np.int32),
+                join_send=np.array([x[2] for x in join_rows[t]], dtype=np.uint8),
+                n_join=len(join_keys),
+                slots_needed=c.capacity + peak if peak else c.next_slot))
+        return planned
 
-    def _finish_evictions(self, plans: list[Plan], evictions: list[list[tuple[int, int]]], after: int) -> None:
-        """Attach the evictions after iteration ``after`` to its plans; the last holder writes back."""
+    def _finish_evictions(self, evictions: list[list[tuple[int, int]]], after: int) -> list[dict]:
+        """Plan ``after``'s eviction fields per trainer; the last holder writes back."""
         ended: dict[int, int] = {}  # key -> writer
         for t in range(self.n):
             for key, _slot in evictions[t]:
@@ -425,13 +426,14 @@ class Planner(PlannerShell):
         for key in ended:
             del self.episodes[key]
             self.last_wb[key] = after
-        for t, p in enumerate(plans):
-            ev = evictions[t]
+        evicted = []
+        for t, ev in enumerate(evictions):
             write = [int(ended.get(key) == t) for key, _ in ev]
             self.stats[t].rows_written_back += sum(write)
-            p.evict_slots = np.array([slot for _, slot in ev], dtype=np.int32)
-            p.evict_keys = np.array([key for key, _ in ev], dtype=np.int64)
-            p.evict_write = np.array(write, dtype=np.uint8)
+            evicted.append(dict(evict_slots=np.array([slot for _, slot in ev], dtype=np.int32),
+                                evict_keys=np.array([key for key, _ in ev], dtype=np.int64),
+                                evict_write=np.array(write, dtype=np.uint8)))
+        return evicted
 
     def _evict_all(self) -> list[list[tuple[int, int]]]:
         """After the last iteration every cached row is evicted (and, by ``_finish_evictions``, written back once)."""

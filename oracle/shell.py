@@ -10,15 +10,19 @@ A step k, in that order, for every backend:
 1. ``_step(k)``: bring the window up to k + horizon, retire iteration k-1's
    uses and choose what each trainer evicts after k-1 and fetches for k;
    returns the evictions after k-1 in the backend's own form;
-2. ``_attach(plans, evictions, k - 1)``: settle who writes those back and
-   put them on plan k-1, which is then complete and handed out;
+2. ``_attach(evictions, k - 1)``: settle who writes those back; returns each
+   trainer's ``evict_*`` fields, which complete plan k-1;
 3. ``_plan(k)``: plan k, only now, so that the write-backs acknowledged
    while the consumer held plan k-1 already decide the versions plan k's
-   fetches name.
+   fetches name; returns each trainer's other fields of plan k.
 
 After the last step, ``_flush(after)`` evicts every cached row (each
-written back once) onto the last plan. ``plans()`` then moves the fetches
-ahead of their installs (``oracle.staging``).
+written back once) onto the last plan.
+
+The plan is built once, here, from those two records (``_plans``), and is
+frozen (``bagpipe.wire.Plan``): nothing finishes it later. ``plans()`` hands
+it to ``oracle.staging``, which derives the plan a trainer receives (its
+fetches moved ahead, its iterations numbered for the run).
 """
 
 from __future__ import annotations
@@ -52,24 +56,29 @@ class PlannerShell:
         self.wb_applied_through = -1  # every write-back after iterations <= this has landed
 
     # ------------------------------------------------------------- the loop
-    def plans(self) -> Iterator[tuple[int, list[Plan]]]:
-        """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer."""
-        return stage_fetches(self.on_demand_plans(), self.cfg.fetch_lead, self.stats)
+    def plans(self, offset: int = 0) -> Iterator[tuple[int, list[Plan]]]:
+        """Yield ``(i, plans)`` for i = 0..iterations-1, each a Plan per trainer; ``offset`` numbers the
+        plans' iterations (and the write-back versions their fetches name) from there, as a segment of a
+        longer run is numbered."""
+        return stage_fetches(self.on_demand_plans(), self.cfg.fetch_lead, self.stats, offset)
 
     def on_demand_plans(self) -> Iterator[tuple[int, list[Plan]]]:
         """The plans with every fetch issued in the iteration that first reads the row (each plan
         installs exactly the fetches it issues); ``plans()`` moves the fetches ahead."""
         with self._running():
-            prev: list[Plan] | None = None
+            planned: list[dict] | None = None  # plan k-1's fields, waiting for its evictions
             for k in range(self.iterations):
                 evictions = self._step(k)
-                if prev is not None:
-                    self._attach(prev, evictions, k - 1)
-                    yield k - 1, prev
-                prev = self._plan(k)
-            if prev is not None:
-                self._attach(prev, self._flush(self.iterations - 1), self.iterations - 1)
-                yield self.iterations - 1, prev
+                if planned is not None:
+                    yield k - 1, self._plans(k - 1, planned, self._attach(evictions, k - 1))
+                planned = self._plan(k)
+            if planned is not None:
+                last = self.iterations - 1
+                yield last, self._plans(last, planned, self._attach(self._flush(last), last))
+
+    def _plans(self, k: int, planned: list[dict], evicted: list[dict]) -> list[Plan]:
+        """Plan k of every trainer, built once from its planned and its evicted fields."""
+        return [Plan(iteration=k, rank=t, **planned[t], **evicted[t]) for t in range(self.n)]
 
     # ------------------------------------------------------------- what both answer alike
     def min_cache_rows(self) -> int:
@@ -93,10 +102,12 @@ class PlannerShell:
     def _step(self, k: int):
         raise NotImplementedError
 
-    def _attach(self, plans: list[Plan], evictions, after: int) -> None:
+    def _attach(self, evictions, after: int) -> list[dict]:
+        """Per trainer, ``evict_slots``, ``evict_keys`` and ``evict_write`` of plan ``after``."""
         raise NotImplementedError
 
-    def _plan(self, k: int) -> list[Plan]:
+    def _plan(self, k: int) -> list[dict]:
+        """Per trainer, every field of plan k but the iteration, the rank and the evictions."""
         raise NotImplementedError
 
     def _flush(self, after: int):

@@ -25,6 +25,7 @@ and names that version as before. Fetch ids are renumbered in issue order.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import Iterable, Iterator
 
@@ -36,22 +37,26 @@ from bagpipe.wire import Plan
 class _Received:
     """One on-demand plan set while its fetches wait to be issued, per trainer."""
 
-    __slots__ = ("iteration", "plans", "first_inner", "issue_at", "issued_id")
+    __slots__ = ("iteration", "plans", "issue_at", "issued_id")
 
     def __init__(self, iteration: int, plans: list[Plan]) -> None:
         self.iteration = iteration
         self.plans = plans
-        self.first_inner = [p.first_fetch_id for p in plans]  # the on-demand plan's fetch ids start here
         self.issue_at: list[np.ndarray] = []  # per fetch: the iteration whose plan issues it
         self.issued_id: list[np.ndarray] = []  # per fetch: its id in issue order (-1 until issued)
 
 
-def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: list) -> Iterator[tuple[int, list[Plan]]]:
-    """Re-emit on-demand ``plans`` with each fetch issued up to ``lead`` iterations before its install.
+def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: list,
+                  offset: int = 0) -> Iterator[tuple[int, list[Plan]]]:
+    """The plans derived from on-demand ``plans``, each fetch issued up to ``lead`` iterations before its
+    install, numbered from iteration ``offset``.
 
     ``plans`` must install in each iteration exactly the fetches it issues (the
-    planners' on-demand plans do). ``stats`` (one ``PlanStats`` per trainer)
-    receive ``fetches_deferred`` and ``peak_staged_rows``.
+    planners' on-demand plans do); they are left as they are. ``stats`` (one
+    ``PlanStats`` per trainer) receive ``fetches_deferred`` and
+    ``peak_staged_rows``. With an ``offset`` (a segment of a longer run), the
+    plans' iterations and the write-back versions their fetches name are
+    moved by it.
     """
     trainers = len(stats)
     waiting: deque[_Received] = deque()  # received, not yet emitted, oldest first
@@ -91,6 +96,7 @@ def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: lis
     def emit() -> tuple[int, list[Plan]]:
         now = waiting.popleft()
         m = now.iteration
+        staged_plans = []
         for t, p in enumerate(now.plans):
             keys, versions, issued = [], [], 0
             for rec in (now, *waiting):  # nearest need first
@@ -99,19 +105,21 @@ def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: lis
                 keys.append(rec.plans[t].fetch_keys[here])
                 versions.append(rec.plans[t].fetch_versions[here])
                 issued += len(here)
-            p.first_fetch_id = next_id[t]
-            p.fetch_keys = np.concatenate(keys)
-            p.fetch_versions = np.concatenate(versions)
+            fetch_versions = np.concatenate(versions)
+            if offset:  # -1 (no write-back to wait for) stays
+                fetch_versions = np.where(fetch_versions >= 0, fetch_versions + offset, fetch_versions)
+            # The on-demand plan installs its own fetches, numbered from its first fetch id.
+            ids = now.issued_id[t][p.install_ids - p.first_fetch_id]
+            if len(ids) and ids.min() < 0:
+                raise AssertionError(f"plan {m} trainer {t} installs a row not fetched yet (internal error)")
+            staged_plans.append(dataclasses.replace(p, iteration=m + offset, first_fetch_id=next_id[t],
+                                                    fetch_keys=np.concatenate(keys), fetch_versions=fetch_versions,
+                                                    install_ids=ids))
             next_id[t] += issued
             staged[t] += issued
             stats[t].peak_staged_rows = max(stats[t].peak_staged_rows, staged[t])
-            # The on-demand plan installs its own fetches, numbered from its first fetch id.
-            ids = now.issued_id[t][p.install_ids - now.first_inner[t]]
-            if len(ids) and ids.min() < 0:
-                raise AssertionError(f"plan {m} trainer {t} installs a row not fetched yet (internal error)")
-            p.install_ids = ids
-            staged[t] -= len(p.install_ids)
-        return m, now.plans
+            staged[t] -= len(ids)
+        return m + offset, staged_plans
 
     for j, plans_j in plans:
         receive(j, plans_j)

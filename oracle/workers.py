@@ -25,6 +25,7 @@ stops the job with a message naming it and its endpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import threading
 import time
@@ -155,10 +156,8 @@ class RemotePartition:
 
     def on_demand_plans(self):
         for k in range(self.iterations):
-            plans = self.link.take(self.offset + k, self.partition)
-            for plan in plans:
-                plan.iteration = k  # the segment's numbering, as a local partition's planner gives it
-            yield k, plans
+            # In the segment's numbering, as a local partition's planner gives it.
+            yield k, [dataclasses.replace(plan, iteration=k) for plan in self.link.take(self.offset + k, self.partition)]
 
     def note_writebacks_applied(self, through_iteration: int) -> None:
         self.link.note_writebacks_applied(through_iteration + self.offset)
@@ -278,8 +277,8 @@ def serve_partitions(cfg: RunConfig, batches, iterations: int, start: int, worke
             frames = []
             for plans in per_partition:
                 for plan in plans:
-                    plan.iteration = i  # on the wire, absolute; the arrays stay the segment's
-                    frames.append(encode_plan(plan, server.job, batches.epoch_of(i)))
+                    # On the wire, absolute; the arrays stay the segment's.
+                    frames.append(encode_plan(dataclasses.replace(plan, iteration=i), server.job, batches.epoch_of(i)))
             server.send_iteration(i, frames)
             if server.written_through - lo > applied:
                 applied = server.written_through - lo

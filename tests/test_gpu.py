@@ -81,8 +81,7 @@ def _train_in_layout(device: str, model_name: str, placement: np.ndarray, steps:
     step = Step(model, opt, SoloCommunicator(), [f"t{t}" for t in range(tables)], b, dev)
     for i in range(steps):
         rows = rng.integers(0, n // 4, (b, tables)) * 4 + np.arange(tables)  # duplicates within a batch
-        plan = Plan.empty(i, 0, b, tables)
-        plan.read_slots = placement[rows].astype(np.int32)
+        plan = Plan.of(i, 0, read_slots=placement[rows].astype(np.int32))
         batch = Batch(dense=rng.standard_normal((b, 13)).astype(np.float32),
                       labels=(rng.random(b) < 0.3).astype(np.float32), sparse=rows, iteration=i)
         step(i, plan, emb, batch)

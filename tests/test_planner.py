@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from bagpipe.policies import PLANNED, policy as policy_row
-from oracle.planner import Planner, PlannerConfig, PlanError
+from bagpipe.wire import Plan
+from oracle.planner import Planner, PlannerConfig, PlanError, PlanStats
 from oracle.replay import ReplayError, replay
 from oracle.simulate import belady_fetches
+from oracle.staging import stage_fetches
 
 
 def _trace(seed: int, iterations: int, batch: int, tables: int, rows: int, skew: float) -> list[np.ndarray]:
@@ -131,9 +135,7 @@ def test_a_broken_plan_is_caught():
 
     def drop_writebacks():
         for i, plans in planner.plans():
-            for p in plans:
-                p.evict_write = np.zeros_like(p.evict_write)
-            yield i, plans
+            yield i, [dataclasses.replace(p, evict_write=np.zeros_like(p.evict_write)) for p in plans]
 
     with pytest.raises(ReplayError):
         replay(drop_writebacks(), data, 1, 8, capacity)
@@ -186,3 +188,30 @@ def test_fetches_are_staged_lead_ahead_and_never_before_a_writeback(seed, traine
     assert all(not left for left in issued)
     assert late == sum(s.fetches_deferred for s in planner.stats)
     assert on_time > late
+
+
+def test_staging_derives_new_plans_and_numbers_a_segment_from_its_offset():
+    """Plans are frozen: staging leaves the on-demand plans as they were and builds the plans handed out,
+    numbered from the segment's first iteration (versions of write-backs moved with it, -1 kept)."""
+    data = _trace(5, 24, 8, 3, 40, 1.4)
+    capacity = _min_capacity(data, 2, 8) + 4
+    cfg = PlannerConfig("bagpipe", capacity, 2, 6, 2, 8, len(data))
+    on_demand = list(Planner(cfg, data).on_demand_plans())
+    before = [[{name: getattr(p, name).copy() for name, _ in Plan.ARRAYS} for p in ps] for _, ps in on_demand]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        on_demand[0][1][0].fetch_keys = np.zeros(0, np.int64)
+    plain = list(stage_fetches(on_demand, 2, [PlanStats() for _ in range(2)]))
+    shifted = list(stage_fetches(on_demand, 2, [PlanStats() for _ in range(2)], offset=100))
+    for (i, ps), saved in zip(on_demand, before):
+        for p, arrays in zip(ps, saved):
+            assert p.iteration == i
+            assert all(np.array_equal(getattr(p, name), arrays[name]) for name in arrays)
+    waited = 0
+    for (i, ps), (j, qs) in zip(plain, shifted):
+        assert j == i + 100 and [q.iteration for q in qs] == [j, j]
+        for p, q in zip(ps, qs):
+            assert np.array_equal(q.fetch_versions, np.where(p.fetch_versions >= 0, p.fetch_versions + 100, -1))
+            waited += int(np.count_nonzero(p.fetch_versions >= 0))
+            assert all(np.array_equal(getattr(p, name), getattr(q, name)) for name, _ in Plan.ARRAYS
+                       if name != "fetch_versions")
+    assert waited > 0  # some fetch names a write-back, so the shift was exercised

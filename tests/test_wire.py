@@ -10,12 +10,9 @@ from bagpipe.wire import (KIND_CREDIT, Credit, End, Error, Hello, Plan, WireErro
 
 
 def _plan(i: int = 3, rank: int = 1) -> Plan:
-    p = Plan.empty(i, rank, 4, 3)
-    p.read_slots = np.arange(12, dtype=np.int32).reshape(4, 3)
-    p.fetch_keys = np.array([5, 7], np.int64)
-    p.fetch_versions = np.array([-1, 2], np.int64)
-    p.n_sync, p.first_fetch_id = 9, 11
-    return p
+    return Plan.of(i, rank, read_slots=np.arange(12, dtype=np.int32).reshape(4, 3),
+                   fetch_keys=np.array([5, 7], np.int64), fetch_versions=np.array([-1, 2], np.int64),
+                   n_sync=9, first_fetch_id=11)
 
 
 def _frames(plan: Plan, job: str = "job") -> list[bytes]:

@@ -87,15 +87,12 @@ class LocalPlans:
     def next_plan(self, iteration: int) -> Plan:
         keys = plan_keys(self.sparse[iteration], self.column_tables, self.world)
         mine = trainer_keys(keys, self.rank, self.world)
-        plan = Plan.empty(iteration, self.rank, mine.shape[0], keys.shape[1])
-        plan.read_slots = self.slots(mine)
-        if self.world > 1:
-            # Every trainer holds every row: all rows used by anyone are synced.
-            used = np.unique(keys)
-            plan.sync_pos = np.arange(len(used), dtype=np.int32)
-            plan.sync_slots = self.slots(used)
-            plan.n_sync = len(used)
-        return plan
+        if self.world == 1:
+            return Plan.of(iteration, self.rank, read_slots=self.slots(mine))
+        # Every trainer holds every row: all rows used by anyone are synced.
+        used = np.unique(keys)
+        return Plan.of(iteration, self.rank, read_slots=self.slots(mine), sync_pos=np.arange(len(used), dtype=np.int32),
+                       sync_slots=self.slots(used), n_sync=len(used))
 
 
 class LocalEmbeddings(Embeddings):
