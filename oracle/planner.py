@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from oracle import fastplan as fp
+from oracle.fastplan.state import Episodes, Queues, Rows, StepBuffers, Window
 from bagpipe.config import capacity_message
 from bagpipe.keys import source_keys
 from oracle.planner_types import INF, BatchSource, CapacityError, PlanError, PlannerConfig, PlanStats
@@ -98,7 +99,8 @@ def _records(count: int, width: int, old: np.ndarray | None = None) -> np.ndarra
 
 
 class _State:
-    """The planner's arrays; ``oracle.fastplan`` says what each holds."""
+    """The planner's records (``oracle.fastplan.state`` says what each field holds), grown between kernel
+    calls: a record is immutable, so growing an array replaces its field (``_replace``)."""
 
     def __init__(self, cfg: PlannerConfig, iterations: int, tables: int, pinned: list[np.ndarray] | None) -> None:
         n = cfg.trainers
@@ -115,155 +117,147 @@ class _State:
                            int(rules.bounded), tables, lb, nw, gw, int(cfg.bypasses)], np.int64)
         assert len(self.C) == fp.C_LEN
         self.n, self.u, self.r = n, u, r
+        pinned = pinned or [np.zeros(0, np.int64)] * n
+        pinned_keys = np.zeros((n, max(1, max(len(p) for p in pinned))), np.int64)
+        for t, p in enumerate(pinned):
+            pinned_keys[t, :len(p)] = p
         # Room for about four iterations' rows from the start (the window holds up to r, sharing hot rows).
         ecap = _pow2(4 * u + 64)
-        self._set_entries(_entries(n, ecap))
-        self.EFS = np.zeros((n, ecap), np.int32)
-        self.Hh = np.zeros((n, _pow2(ecap), 2), np.int64)
-        self.M = np.zeros((n, fp.M_LEN), np.int64)
-        self.Wu = np.zeros((n, r * u), np.int32)
-        self.Wn = np.zeros((n, r), np.int64)
-        self.Wi = np.zeros((n, r * u), np.int32)
-        self.Wx = np.zeros((n, r * u), np.int32)
-        self.S = np.zeros((n, 1024), np.int64)
+        entries = _entries(n, ecap)
+        self.rows = Rows(
+            entries=entries, entries32=entries.view(np.int32), free_entries=np.zeros((n, ecap), np.int32),
+            index=np.zeros((n, _pow2(ecap), 2), np.int64), counters=np.zeros((n, fp.M_LEN), np.int64),
+            free_slots=np.zeros((n, 1024), np.int64), stats=np.zeros((n, fp.S_LEN), np.int64),
+            pinned_keys=pinned_keys, pinned_count=np.array([len(p) for p in pinned], np.int64),
+            distinct=np.zeros(n, np.int64))
+        self.window = Window(rows=np.zeros((n, r * u), np.int32), counts=np.zeros((n, r), np.int64),
+                             reads=np.zeros((n, r * u), np.int32), next_use=np.zeros((n, r * u), np.int32))
         nlists = fp.NCLASS + (r if rules.code == fp.P_BAGPIPE else 0)
-        self.Q = np.zeros((n, 1024, 3), np.int64)
-        self.QH = np.full((n, nlists, 3), -1, np.int64)
-        self.QL = np.zeros((n, r + 1), np.int64)
-        self.HP = np.zeros((n, 64, 5), np.int64)
-        self.HN = np.zeros(n, np.int64)
-        self.Gh = _index(1024)
-        self.GE = _records(512, gw)
-        self.GFS = np.zeros(512, np.int64)
-        self.GM = np.zeros(fp.GM_LEN, np.int64)
-        self.LW = _index(1024)
-        self.WQ = np.zeros((1024, 2), np.int64)
-        self.ST = np.zeros((n, fp.S_LEN), np.int64)
-        pinned = pinned or [np.zeros(0, np.int64)] * n
-        width = max(1, max(len(p) for p in pinned))
-        self.PK = np.zeros((n, width), np.int64)
-        self.PN = np.zeros(n, np.int64)
-        for t, p in enumerate(pinned):
-            self.PK[t, :len(p)] = p
-            self.PN[t] = len(p)
-        self.distinct = np.zeros(n, np.int64)
-        self.counts = np.zeros((n, 3), np.int64)  # per trainer: evictions, new rows, error
-        self.new_off = np.zeros(n + 1, np.int64)
-        # Scratch, reused by every kernel call (fresh buffers would cost page faults at every step).
-        self.WL = np.zeros((n, 6, u), np.int64)
-        self.WEV = np.zeros((n, 0, 4), np.int64)
-        self.WNEW = np.zeros((n, 0, 3), np.int64)  # new rows: entry, slot, key
-        self.WEVF = np.zeros((0, 4), np.int64)
-        self.WNEWF = np.zeros((0, 3), np.int64)
-        self.WJR = np.zeros((0, 4), np.int64)
-        self.WIN = np.zeros((0, 3), np.int64)
-
-    def _set_entries(self, e64: np.ndarray) -> None:
-        self.E64 = e64
-        self.E32 = e64.view(np.int32)  # the same records, seen as 16 int32 fields
+        self.queues = Queues(nodes=np.zeros((n, 1024, 3), np.int64), lists=np.full((n, nlists, 3), -1, np.int64),
+                             bucket_rows=np.zeros((n, r + 1), np.int64), heap=np.zeros((n, 64, 5), np.int64),
+                             heap_sizes=np.zeros(n, np.int64))
+        self.episodes = Episodes(records=_records(512, gw), index=_index(1024), free=np.zeros(512, np.int64),
+                                 counters=np.zeros(fp.GM_LEN, np.int64), versions=_index(1024),
+                                 written=np.zeros((1024, 2), np.int64))
+        self.buffers = StepBuffers(
+            load=np.zeros((n, 6, u), np.int64), evictions=np.zeros((n, 0, 4), np.int64),
+            new_rows=np.zeros((n, 0, 3), np.int64), counts=np.zeros((n, 3), np.int64),
+            all_evictions=np.zeros((0, 4), np.int64), all_new_rows=np.zeros((0, 3), np.int64),
+            new_offsets=np.zeros(n + 1, np.int64), joins=np.zeros((0, 4), np.int64),
+            installs=np.zeros((0, 3), np.int64))
 
     # ------------------------------------------------------------ growth
     def before_load(self) -> None:
         """Room for one more iteration in the window: u new entries and queue nodes per trainer."""
-        u = self.u
-        count = int(self.M[:, fp.M_ECOUNT].max())
-        if count + u > self.E64.shape[1]:
+        u, rows = self.u, self.rows
+        count = int(rows.counters[:, fp.M_ECOUNT].max())
+        if count + u > rows.entries.shape[1]:
             cap = _pow2(2 * (count + u))
-            self._set_entries(_entries(self.n, cap, self.E64))
-            self.EFS = _grown(self.EFS, 1, cap)
-        cap = _index_size(count, u, self.Hh.shape[1])
-        if cap != self.Hh.shape[1]:
+            entries = _entries(self.n, cap, rows.entries)
+            rows = self.rows = rows._replace(entries=entries, entries32=entries.view(np.int32),
+                                             free_entries=_grown(rows.free_entries, 1, cap))
+        cap = _index_size(count, u, rows.index.shape[1])
+        if cap != rows.index.shape[1]:
             new = np.zeros((self.n, cap, 2), np.int64)
             for t in range(self.n):
-                fp.rehash(self.Hh[t], new[t])
-            self.Hh = new
+                fp.rehash(rows.index[t], new[t])
+            self.rows = rows._replace(index=new)
         if self.C[fp.C_POLICY] == fp.P_BAGPIPE:
             self._nodes(u)
 
     def before_step(self, k: int) -> None:
         """Room for step k: scratch for its records, slots, queue nodes, heap entries, episodes, versions."""
-        c, r = self.C, self.r
-        acq = self.Wn[:, k % r]  # at most every row read at k is new
-        drops = self.Wn[:, (k - 1) % r] if k > 0 else np.zeros(self.n, np.int64)
+        c, r, b = self.C, self.r, self.buffers
+        counts = self.window.counts
+        acq = counts[:, k % r]  # at most every row read at k is new
+        drops = counts[:, (k - 1) % r] if k > 0 else np.zeros(self.n, np.int64)
         fetched, dropped = int(acq.sum()), int(drops.sum())
-        reads = int(self.Wn[:, k % r].sum())
+        reads = int(counts[:, k % r].sum())
         each = int((acq + drops).max())
-        if self.WEV.shape[1] < each:
-            self.WEV = np.zeros((self.n, _pow2(each), 4), np.int64)
-        if self.WNEW.shape[1] < int(acq.max()):
-            self.WNEW = np.zeros((self.n, _pow2(int(acq.max())), 3), np.int64)
-        if self.WEVF.shape[0] < fetched + dropped:
-            self.WEVF = np.zeros((_pow2(fetched + dropped), 4), np.int64)
-        if self.WNEWF.shape[0] < fetched:
-            self.WNEWF = np.zeros((_pow2(fetched), 3), np.int64)
-            self.WJR = np.zeros((_pow2(2 * fetched), 4), np.int64)
-        if self.WIN.shape[0] < self.n * reads:
-            self.WIN = np.zeros((_pow2(self.n * reads), 3), np.int64)
-        need_slots = int((self.M[:, fp.M_NEXTSLOT] + acq).max())
-        if need_slots > self.S.shape[1]:
-            self.S = _grown(self.S, 1, _pow2(2 * need_slots))
+        if b.evictions.shape[1] < each:
+            b = b._replace(evictions=np.zeros((self.n, _pow2(each), 4), np.int64))
+        if b.new_rows.shape[1] < int(acq.max()):
+            b = b._replace(new_rows=np.zeros((self.n, _pow2(int(acq.max())), 3), np.int64))
+        if b.all_evictions.shape[0] < fetched + dropped:
+            b = b._replace(all_evictions=np.zeros((_pow2(fetched + dropped), 4), np.int64))
+        if b.all_new_rows.shape[0] < fetched:
+            b = b._replace(all_new_rows=np.zeros((_pow2(fetched), 3), np.int64),
+                           joins=np.zeros((_pow2(2 * fetched), 4), np.int64))
+        if b.installs.shape[0] < self.n * reads:
+            b = b._replace(installs=np.zeros((_pow2(self.n * reads), 3), np.int64))
+        self.buffers = b
+        need_slots = int((self.rows.counters[:, fp.M_NEXTSLOT] + acq).max())
+        if need_slots > self.rows.free_slots.shape[1]:
+            self.rows = self.rows._replace(free_slots=_grown(self.rows.free_slots, 1, _pow2(2 * need_slots)))
         if c[fp.C_POLICY] in (fp.P_BAGPIPE, fp.P_LRU, fp.P_LRU_PREFETCH, fp.P_LFU):
             self._nodes(int(drops.max()))  # every row used at k-1 is queued again
-            self._heap(int(self.M[:, fp.M_HOT].max()))
+            self._heap(int(self.rows.counters[:, fp.M_HOT].max()))
         self._global(fetched, fetched + dropped)
 
     def before_flush(self) -> None:
         """Room for the versions of the final write-backs."""
-        self._global(0, int((self.M[:, fp.M_RES] + self.M[:, fp.M_NSCR]).sum()))
+        m = self.rows.counters
+        self._global(0, int((m[:, fp.M_RES] + m[:, fp.M_NSCR]).sum()))
 
     def _nodes(self, need: int) -> None:
         """Room for ``need`` new queue nodes per trainer past the last one handed out."""
-        if self.Q.shape[1] - int(self.M[:, fp.M_NHWM].max()) >= need:
+        nodes = self.queues.nodes
+        if nodes.shape[1] - int(self.rows.counters[:, fp.M_NHWM].max()) >= need:
             return
-        fp.compact_nodes(self.E64, self.Q, self.QH, self.M)
-        live = int(self.M[:, fp.M_NHWM].max())  # after compaction, the live nodes
-        if self.Q.shape[1] - live < 2 * need or live > self.Q.shape[1] // 2:
-            self.Q = _grown(self.Q, 1, _pow2(2 * (live + 2 * need)))
+        fp.compact_nodes(self.rows, self.queues)
+        live = int(self.rows.counters[:, fp.M_NHWM].max())  # after compaction, the live nodes
+        if nodes.shape[1] - live < 2 * need or live > nodes.shape[1] // 2:
+            self.queues = self.queues._replace(nodes=_grown(nodes, 1, _pow2(2 * (live + 2 * need))))
 
     def _heap(self, need: int) -> None:
-        if int(self.HN.max()) + need <= self.HP.shape[1]:
+        q = self.queues
+        if int(q.heap_sizes.max()) + need <= q.heap.shape[1]:
             return
-        fp.compact_heaps(self.E64, self.HP, self.HN)
-        size = int(self.HN.max())
-        if size + need > self.HP.shape[1] // 2:
-            self.HP = _grown(self.HP, 1, _pow2(2 * (size + need)))
+        fp.compact_heaps(self.rows, q)
+        size = int(q.heap_sizes.max())
+        if size + need > q.heap.shape[1] // 2:
+            self.queues = q._replace(heap=_grown(q.heap, 1, _pow2(2 * (size + need))))
 
     def _global(self, episodes: int, writebacks: int) -> None:
-        gm = self.GM
+        g = self.episodes
+        gm = g.counters
         count = int(gm[fp.GM_COUNT])
-        if count + episodes > self.GE.shape[0]:
+        if count + episodes > g.records.shape[0]:
             cap = _pow2(2 * (count + episodes))
-            self.GE = _records(cap, self.GE.shape[1], self.GE)
-            self.GFS = _grown(self.GFS, 0, cap)
-        cap = _index_size(count, episodes, self.Gh.shape[0])
-        if cap != self.Gh.shape[0]:
+            g = g._replace(records=_records(cap, g.records.shape[1], g.records), free=_grown(g.free, 0, cap))
+        cap = _index_size(count, episodes, g.index.shape[0])
+        if cap != g.index.shape[0]:
             new = _index(cap)
-            fp.rehash(self.Gh, new)
-            self.Gh = new
+            fp.rehash(g.index, new)
+            g = g._replace(index=new)
         wb = int(gm[fp.GM_WB_COUNT])
-        cap = _index_size(wb, writebacks, self.LW.shape[0])
-        if cap != self.LW.shape[0]:
+        cap = _index_size(wb, writebacks, g.versions.shape[0])
+        if cap != g.versions.shape[0]:
             new = _index(cap)
-            fp.rehash(self.LW, new)
-            self.LW = new
+            fp.rehash(g.versions, new)
+            g = g._replace(versions=new)
         head, tail = int(gm[fp.GM_WQ_HEAD]), int(gm[fp.GM_WQ_TAIL])
-        if tail + writebacks > self.WQ.shape[0]:
+        if tail + writebacks > g.written.shape[0]:
             live = tail - head
-            cap = self.WQ.shape[0]
+            cap = g.written.shape[0]
             if live + writebacks > cap // 2:
                 cap = _pow2(2 * (live + writebacks))
-            wq = np.zeros((cap, 2), np.int64)
-            wq[:live] = self.WQ[head:tail]
-            self.WQ = wq
+            written = np.zeros((cap, 2), np.int64)
+            written[:live] = g.written[head:tail]
+            g = g._replace(written=written)
             gm[fp.GM_WQ_HEAD], gm[fp.GM_WQ_TAIL] = 0, live
+        self.episodes = g
 
-    def rows(self) -> int:
+    def rows_tracked(self) -> int:
         """Rows the state tracks now: per-trainer entries, episodes and unacknowledged write-backs."""
-        return int(self.M[:, fp.M_ECOUNT].sum() + self.GM[fp.GM_COUNT] + self.GM[fp.GM_WB_COUNT])
+        gm = self.episodes.counters
+        return int(self.rows.counters[:, fp.M_ECOUNT].sum() + gm[fp.GM_COUNT] + gm[fp.GM_WB_COUNT])
 
     def nbytes(self) -> int:
-        """Bytes of every array (E32 is a view of E64)."""
-        return sum(v.nbytes for k, v in vars(self).items() if isinstance(v, np.ndarray) and k != "E32")
+        """Bytes of every array (``entries32`` is a view of ``entries``)."""
+        arrays = [self.C, *self.window, *self.queues, *self.episodes, *self.buffers,
+                  *(a for name, a in self.rows._asdict().items() if name != "entries32")]
+        return sum(a.nbytes for a in arrays)
 
 
 class Planner(PlannerShell):
@@ -326,9 +320,9 @@ class Planner(PlannerShell):
         elif rows.shape[1] != int(s.C[fp.C_T]):
             raise PlanError(f"batch {i} has {rows.shape[1]} tables, batch 0 has {int(s.C[fp.C_T])}")
         s.before_load()
-        return self._each_trainer(lambda t: fp.load(
-            s.C, i, t, rows, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wi, s.Wx, s.Q, s.QH, s.QL, s.PK,
-            s.PN, s.distinct, s.WL), wait=False)
+        # The records as they are now: the next growth waits for these jobs (_end_load).
+        state, window, queues, buffers = s.rows, s.window, s.queues, s.buffers
+        return self._each_trainer(lambda t: fp.load(s.C, i, t, rows, state, window, queues, buffers), wait=False)
 
     def _end_load(self, jobs: list[Future]) -> None:
         for job in jobs:
@@ -337,20 +331,21 @@ class Planner(PlannerShell):
         i, s = self._loaded, self._state
         if self.cfg.rules.bounded:
             for t in range(self.n):
-                if s.distinct[t] > self.cfg.cache_rows:
-                    raise CapacityError(capacity_message(self.cfg.cache_rows, t, int(s.distinct[t]), i,
-                                                         self.min_cache_rows()), t, int(s.distinct[t]), i)
+                distinct = int(s.rows.distinct[t])
+                if distinct > self.cfg.cache_rows:
+                    raise CapacityError(capacity_message(self.cfg.cache_rows, t, distinct, i, self.min_cache_rows()),
+                                        t, distinct, i)
         self._loaded += 1
 
     def _forget_writebacks(self, through_iteration: int) -> None:
         if self._state is not None:
             s = self._state
-            fp.forget_writebacks(through_iteration, s.GM, s.LW, s.WQ)
+            fp.forget_writebacks(through_iteration, s.episodes)
 
     def state_rows(self) -> int:
         """Rows the planner tracks now (resident, in the window, in an episode, or with a write-back in flight)."""
         self._settle()
-        return 0 if self._state is None else self._state.rows()
+        return 0 if self._state is None else self._state.rows_tracked()
 
     def state_nbytes(self) -> int:
         """Bytes of the planner's arrays."""
@@ -393,9 +388,7 @@ class Planner(PlannerShell):
         self._load(k + ahead)
         s = self._state
         s.before_step(k)
-        self._each_trainer(lambda t: fp.advance(
-            s.C, t, k, s.E64, s.E32, s.EFS, s.Hh, s.M, s.Wu, s.Wn, s.Wx, s.S, s.Q, s.QH,
-            s.QL, s.HP, s.HN, s.GE, s.ST, s.WEV, s.WNEW, s.counts))
+        self._each_trainer(lambda t: fp.advance(s.C, t, k, s.rows, s.window, s.queues, s.episodes, s.buffers))
         # The next step's batch loads while this step plans: loading touches only the trainers'
         # windows (fields of the rows that planning does not write), planning only the rest.
         jobs: list[Future] = []
@@ -405,8 +398,7 @@ class Planner(PlannerShell):
                 jobs = self._loading = self._start_load()
             except PlanError as exc:
                 self._load_failed, self._next_loading = exc, False
-        out = fp.finish_step(s.C, k, s.GE, s.GM, s.GFS, s.Gh, s.LW, s.WQ, s.ST, s.WEV, s.WNEW, s.counts,
-                             s.WEVF, s.WNEWF, s.new_off)
+        out = fp.finish_step(s.C, k, s.rows, s.episodes, s.buffers)
         err, err_t = out[0], out[1]
         if err != fp.ERR_OK:
             for job in jobs:
@@ -426,8 +418,7 @@ class Planner(PlannerShell):
 
     def _plan(self, k: int) -> list[dict]:
         s = self._state
-        planned = fp.plan_iteration(s.C, k, s.E64, s.E32, s.M, s.Wu, s.Wn, s.Wi, s.Gh, s.GE, s.GM, s.GFS,
-                                    s.LW, s.ST, s.WNEWF, s.new_off, s.WJR, s.WIN)
+        planned = fp.plan_iteration(s.C, k, s.rows, s.window, s.episodes, s.buffers)
         if self._next_loading:
             try:
                 self._end_load(self._loading)
@@ -439,13 +430,12 @@ class Planner(PlannerShell):
     def _flush(self, after: int) -> tuple:
         s = self._state
         s.before_flush()
-        out = fp.flush(s.C, after, s.E64, s.E32, s.EFS, s.Hh, s.M, s.S, s.QL, s.Gh,
-                       s.GE, s.GM, s.GFS, s.LW, s.WQ, s.ST)
+        out = fp.flush(s.C, after, s.rows, s.queues, s.episodes)
         self._sync_stats()
         return out
 
     def _sync_stats(self) -> None:
-        st = self._state.ST
+        st = self._state.rows.stats
         for t, s in enumerate(self.stats):
             for c, name in enumerate(_STAT_FIELDS):
                 if name is not None:

@@ -1,14 +1,17 @@
 """Compiled kernels of the fast planner (``oracle.planner``), grouped by job.
 
 * ``layout``: the field numbers of every record and the codes (policies, errors);
+* ``state``: the named records the public kernels take (``Rows``, ``Window``, ``Queues``, ``Episodes``,
+  ``StepBuffers``), and what each of their arrays holds;
 * ``primitives``: prefetch, hash index, radix sort, pools, queue lists, heaps, bit masks;
 * ``residency``: one trainer's rows: loading the window, retiring uses, victims, bypass, slots;
 * ``episodes``: rows across trainers: episodes, write-backs, versions, and each iteration's plan.
 
-Every public function is a numba ``@njit(cache=True)`` kernel over plain
-numpy arrays; ``oracle.planner`` owns the arrays, grows them between calls,
-runs the per-trainer kernels in threads and turns the outputs into ``Plan``
-objects. The rules are those of ``oracle.reference`` (the executable
+Every public function is a numba ``@njit(cache=True)`` kernel over those
+records of numpy arrays (the helpers inside take the arrays themselves);
+``oracle.planner`` owns the records, grows their arrays between calls, runs
+the per-trainer kernels in threads and slices the outputs into each plan's
+fields. The rules are those of ``oracle.reference`` (the executable
 specification); only the bookkeeping differs.
 
 * **Rows of a trainer** live in an open-addressing hash index (key -> entry)

@@ -100,8 +100,9 @@ def _finish(C, after, ev, nev, GE, GM, GFS, Gh, LW, WQ, ST):
     return ev_key, ev_slot, ev_write, ev_off
 
 @njit(cache=True)
-def forget_writebacks(through, GM, LW, WQ):
+def forget_writebacks(through, episodes):
     """Forget the versions of write-backs after iterations <= ``through`` (they have landed)."""
+    GM, LW, WQ = episodes.counters, episodes.versions, episodes.written
     lcap = LW.shape[0]
     lshift, lmask = _shift_for(lcap), lcap - 1
     h, tail = GM[GM_WQ_HEAD], GM[GM_WQ_TAIL]
@@ -348,7 +349,7 @@ def _plan(C, k, new, new_off, E64, E32, M, Wu, Wn, Wi, GE, GM, GFS, Gh, LW, ST, 
             sy_pos, sy_slot, sy_off, ns, jo_pos, jo_slot, jo_send, jo_off, n_join, slots_needed)
 
 @njit(nogil=True, cache=True)
-def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WNEW, counts, WEVF, WNEWF, new_off):
+def finish_step(C, k, rows, episodes, buffers):
     """After every trainer's ``advance(k)``: apply the evictions after iteration k-1.
 
     Merges the trainers' records in trainer order (the reference's order)
@@ -356,6 +357,11 @@ def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WNEW, counts, WEVF, WNEW
     ``new_off``), and settles who writes back. Returns (error, trainer in
     error, k-1's evictions).
     """
+    ST = rows.stats
+    GE, GM, GFS, Gh, LW, WQ = (episodes.records, episodes.counters, episodes.free, episodes.index, episodes.versions,
+                               episodes.written)
+    WEV, WNEW, counts, WEVF, WNEWF, new_off = (buffers.evictions, buffers.new_rows, buffers.counts,
+                                               buffers.all_evictions, buffers.all_new_rows, buffers.new_offsets)
     N = C[C_N]
     err, err_t = ERR_OK, -1
     for t in range(N):
@@ -383,21 +389,30 @@ def finish_step(C, k, GE, GM, GFS, Gh, LW, WQ, ST, WEV, WNEW, counts, WEVF, WNEW
     return (err, err_t) + _finish(C, k - 1, ev, nev, GE, GM, GFS, Gh, LW, WQ, ST)
 
 @njit(nogil=True, cache=True)
-def plan_iteration(C, k, E64, E32, M, Wu, Wn, Wi, Gh, GE, GM, GFS, LW, ST, WNEWF, new_off, WJR, WIN):
+def plan_iteration(C, k, rows, window, episodes, buffers):
     """Plan k from the new rows ``finish_step`` merged: fetches and joins, installs, reads and syncs.
 
     Runs after iteration k-1's plan has been handed out, as in the
     reference, so write-backs acknowledged meanwhile already count.
     """
+    E64, E32, M, ST = rows.entries, rows.entries32, rows.counters, rows.stats
+    Wu, Wn, Wi = window.rows, window.counts, window.reads
+    Gh, GE, GM, GFS, LW = episodes.index, episodes.records, episodes.counters, episodes.free, episodes.versions
+    WNEWF, new_off, WJR, WIN = buffers.all_new_rows, buffers.new_offsets, buffers.joins, buffers.installs
     return _plan(C, k, WNEWF, new_off, E64, E32, M, Wu, Wn, Wi, GE, GM, GFS, Gh, LW, ST, WJR, WIN)
 
 @njit(nogil=True, cache=True)
-def flush(C, after, E64, E32, EFS, Hh, M, S, QL, Gh, GE, GM, GFS, LW, WQ, ST):
+def flush(C, after, rows, queues, episodes):
     """After the last iteration every cached row is evicted (in the order it was acquired), and written back once.
 
     Nothing is planned afterwards, so rows only leave their slots: their
     entries stay (cheaper than unlinking each from the index).
     """
+    E64, E32, EFS, Hh, M, S, ST = (rows.entries, rows.entries32, rows.free_entries, rows.index, rows.counters,
+                                   rows.free_slots, rows.stats)
+    QL = queues.bucket_rows
+    Gh, GE, GM, GFS, LW, WQ = (episodes.index, episodes.records, episodes.counters, episodes.free, episodes.versions,
+                               episodes.written)
     N = C[C_N]
     total = 0
     for t in range(N):

@@ -376,8 +376,10 @@ def _hpop(H, HN, t):
         _hdown(H, n, 0)
 
 @njit(cache=True)
-def compact_heaps(E64, HP, HN):
+def compact_heaps(rows, queues):
     """Drop stale heap entries of every trainer and restore the heap order."""
+    E64 = rows.entries
+    HP, HN = queues.heap, queues.heap_sizes
     for t in range(HP.shape[0]):
         H = HP[t]
         m = 0
@@ -391,13 +393,15 @@ def compact_heaps(E64, HP, HN):
             _hdown(H, m, i)
 
 @njit(cache=True)
-def compact_nodes(E64, Q, QH, M):
+def compact_nodes(rows, queues):
     """Move every trainer's live queue nodes to the front of its pool, list after list, in list order.
 
     Stale nodes are dropped; each list keeps its order and its sorted prefix,
     and its nodes become consecutive in memory. Afterwards new nodes are
     taken from just past the live ones.
     """
+    E64, M = rows.entries, rows.counters
+    Q, QH = queues.nodes, queues.lists
     for t in range(Q.shape[0]):
         E64t, Qt, QHt, Mt = E64[t], Q[t], QH[t], M[t]
         moved = np.empty((max(Mt[M_NHWM], 1), 3), np.int64)

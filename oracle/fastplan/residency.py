@@ -25,7 +25,7 @@ from oracle.fastplan.primitives import (
 
 # ------------------------------------------------------------------ loading
 @njit(nogil=True, cache=True)
-def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN, distinct, WL):
+def load(C, i, t, keys, rows, window, queues, buffers):
     """Bring iteration ``i`` (keys [batch, columns], ``bagpipe.keys.plan_keys``) into trainer t's window.
 
     Dedups each trainer's share, sorts its distinct keys, links each key's
@@ -37,6 +37,11 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
     trainer t's state, so trainers load at the same time; ``WL[t]`` [6, U] is
     scratch.
     """
+    E64, E32, EFS, Hh, M, PK, PN, distinct = (rows.entries, rows.entries32, rows.free_entries, rows.index,
+                                              rows.counters, rows.pinned_keys, rows.pinned_count, rows.distinct)
+    Wu, Wn, Wi, Wx = window.rows, window.counts, window.reads, window.next_use
+    Q, QH, QL = queues.nodes, queues.lists, queues.bucket_rows
+    WL = buffers.load
     U, R, LB, T = C[C_U], C[C_R], C[C_LB], C[C_T]
     bag = C[C_POLICY] == P_BAGPIPE
     static = C[C_POLICY] == P_STATIC
@@ -53,7 +58,7 @@ def load(C, i, t, rows, E64, E32, EFS, Hh, M, Wu, Wn, Wi, Wx, Q, QH, QL, PK, PN,
     for b in range(LB):
         for c in range(T):
             x = b * T + c
-            key = rows[r0 + b, c]
+            key = keys[r0 + b, c]
             kk[m] = key
             at[m] = x
             it[x] = U - 1  # an absent cell's rank sits at U - 1 (step 2), unused when m < U
@@ -527,7 +532,7 @@ def _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE
 
 # ------------------------------------------------------------------ one step
 @njit(nogil=True, cache=True)
-def advance(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE, ST, WEV, WNEW, counts):
+def advance(C, t, k, rows, window, queues, episodes, buffers):
     """Trainer t's part of step k: retire k-1, then choose the rows to fetch for k and what they displace.
 
     It touches only trainer t's state (and t's own column of shared episode
@@ -535,6 +540,12 @@ def advance(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE,
     Writes t's evictions and new rows to ``WEV[t]`` and ``WNEW[t]``, and
     their counts and error code to ``counts[t]``.
     """
+    E64, E32, EFS, Hh, M, S, ST = (rows.entries, rows.entries32, rows.free_entries, rows.index, rows.counters,
+                                   rows.free_slots, rows.stats)
+    Wu, Wn, Wx = window.rows, window.counts, window.next_use
+    Q, QH, QL, HP, HN = queues.nodes, queues.lists, queues.bucket_rows, queues.heap, queues.heap_sizes
+    GE = episodes.records
+    WEV, WNEW, counts = buffers.evictions, buffers.new_rows, buffers.counts
     hcap = Hh.shape[1]
     hshift, hmask = _shift_for(hcap), hcap - 1
     nev = 0
