@@ -331,23 +331,6 @@ def _plan_join(C, jrec):
         jo_send[x] = jrec[jorder[y], 3]
     return jo_pos, jo_slot, jo_send, jo_off, n_join
 
-@njit
-def _plan(C, k, new, new_off, E64, E32, M, Wu, Wn, Wi, GE, GM, GFS, Gh, LW, ST, WJR, WIN):
-    """Plan k: fetches and joins of the new rows, installs, reads and syncs."""
-    f_key, f_ver, f_off, first_fid, jrec = _plan_new(C, k, new, new_off, E64, E32, M, GE, GM, GFS, Gh, LW, ST,
-                                                     WJR)
-    read, in_id, in_slot, in_off, scand, skeys = _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, first_fid, WIN)
-    sy_pos, sy_slot, sy_off, ns = _plan_sync(C, GE, scand, skeys, ST)
-    jo_pos, jo_slot, jo_send, jo_off, n_join = _plan_join(C, jrec)
-    N = C[C_N]
-    slots_needed = np.empty(N, np.int64)
-    for t in range(N):
-        # The scratch area lies past the cache's slots; the trainer keeps the most it ever used.
-        sp = ST[t, S_SCRATCH_PEAK]
-        slots_needed[t] = C[C_CAP] + sp if sp > 0 else M[t, M_NEXTSLOT]
-    return (read, f_key, f_ver, f_off, first_fid, in_id, in_slot, in_off,
-            sy_pos, sy_slot, sy_off, ns, jo_pos, jo_slot, jo_send, jo_off, n_join, slots_needed)
-
 @njit(nogil=True, cache=True)
 def finish_step(C, k, rows, episodes, buffers):
     """After every trainer's ``advance(k)``: apply the evictions after iteration k-1.
@@ -398,8 +381,20 @@ def plan_iteration(C, k, rows, window, episodes, buffers):
     E64, E32, M, ST = rows.entries, rows.entries32, rows.counters, rows.stats
     Wu, Wn, Wi = window.rows, window.counts, window.reads
     Gh, GE, GM, GFS, LW = episodes.index, episodes.records, episodes.counters, episodes.free, episodes.versions
-    WNEWF, new_off, WJR, WIN = buffers.all_new_rows, buffers.new_offsets, buffers.joins, buffers.installs
-    return _plan(C, k, WNEWF, new_off, E64, E32, M, Wu, Wn, Wi, GE, GM, GFS, Gh, LW, ST, WJR, WIN)
+    new, new_off, WJR, WIN = buffers.all_new_rows, buffers.new_offsets, buffers.joins, buffers.installs
+    f_key, f_ver, f_off, first_fid, jrec = _plan_new(C, k, new, new_off, E64, E32, M, GE, GM, GFS, Gh, LW, ST,
+                                                     WJR)
+    read, in_id, in_slot, in_off, scand, skeys = _plan_read(C, k, E64, E32, Wu, Wn, Wi, GE, ST, first_fid, WIN)
+    sy_pos, sy_slot, sy_off, ns = _plan_sync(C, GE, scand, skeys, ST)
+    jo_pos, jo_slot, jo_send, jo_off, n_join = _plan_join(C, jrec)
+    N = C[C_N]
+    slots_needed = np.empty(N, np.int64)
+    for t in range(N):
+        # The scratch area lies past the cache's slots; the trainer keeps the most it ever used.
+        sp = ST[t, S_SCRATCH_PEAK]
+        slots_needed[t] = C[C_CAP] + sp if sp > 0 else M[t, M_NEXTSLOT]
+    return (read, f_key, f_ver, f_off, first_fid, in_id, in_slot, in_off,
+            sy_pos, sy_slot, sy_off, ns, jo_pos, jo_slot, jo_send, jo_off, n_join, slots_needed)
 
 @njit(nogil=True, cache=True)
 def flush(C, after, rows, queues, episodes):

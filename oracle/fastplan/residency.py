@@ -268,10 +268,13 @@ def _enqueue_used(C, t, e, E64t, E32t, Mt, Qt, QHt, QL, HP, HN):
             _hpush(HP[t], HN, t, f, np.int64(E32t[e, Y_LAST]), E64t[e, X_KEY], e, st)
 
 @njit(_nrt=False)
-def _retire(C, t, i, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE, hshift, hmask,
-            ev, nev):
+def _retire(C, t, i, rows, window, queues, GE, hshift, hmask, ev, nev):
     """Record iteration i's uses (next use, last use, frequency), empty the scratch area, then the policy's
     drops."""
+    E64, E32, EFS, Hh, M, S = (rows.entries, rows.entries32, rows.free_entries, rows.index, rows.counters,
+                               rows.free_slots)
+    Wu, Wn, Wx = window.rows, window.counts, window.next_use
+    Q, QH, QL, HP, HN = queues.nodes, queues.lists, queues.bucket_rows, queues.heap, queues.heap_sizes
     R, U, pol = C[C_R], C[C_U], C[C_POLICY]
     # Only a policy that bypasses has scratch slots (at C_CAP and beyond); no slot reaches this otherwise.
     cap = C[C_CAP] if C[C_BYPASS] != 0 else INF
@@ -459,9 +462,12 @@ def _victim_fifo(C, t, need_at, cur, skip, nskip, E64t, E32t, Mt, Qt, QHt, HP, H
 
 # -------------------------------------------------------------------- acquiring
 @njit
-def _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE, ST,
-             hshift, hmask, ev, nev, new, nnew):
+def _acquire(C, t, k, rows, window, queues, GE, hshift, hmask, ev, nev, new, nnew):
     """Give trainer t's rows read at k and not resident a slot, and choose the victims they displace."""
+    E64, E32, EFS, Hh, M, S, ST = (rows.entries, rows.entries32, rows.free_entries, rows.index, rows.counters,
+                                   rows.free_slots, rows.stats)
+    Wu, Wn, Wx = window.rows, window.counts, window.next_use
+    Q, QH, QL, HP, HN = queues.nodes, queues.lists, queues.bucket_rows, queues.heap, queues.heap_sizes
     R, U, I, pol = C[C_R], C[C_U], C[C_ITERS], C[C_POLICY]
     bypass = C[C_BYPASS] != 0
     E64t, E32t, Ht, Mt, Qt, QHt = E64[t], E32[t], Hh[t], M[t], Q[t], QH[t]
@@ -540,20 +546,14 @@ def advance(C, t, k, rows, window, queues, episodes, buffers):
     Writes t's evictions and new rows to ``WEV[t]`` and ``WNEW[t]``, and
     their counts and error code to ``counts[t]``.
     """
-    E64, E32, EFS, Hh, M, S, ST = (rows.entries, rows.entries32, rows.free_entries, rows.index, rows.counters,
-                                   rows.free_slots, rows.stats)
-    Wu, Wn, Wx = window.rows, window.counts, window.next_use
-    Q, QH, QL, HP, HN = queues.nodes, queues.lists, queues.bucket_rows, queues.heap, queues.heap_sizes
     GE = episodes.records
     WEV, WNEW, counts = buffers.evictions, buffers.new_rows, buffers.counts
-    hcap = Hh.shape[1]
+    hcap = rows.index.shape[1]
     hshift, hmask = _shift_for(hcap), hcap - 1
     nev = 0
     if k > 0:
-        nev = _retire(C, t, k - 1, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN, GE,
-                      hshift, hmask, WEV[t], 0)
-    err, nev, nnew = _acquire(C, t, k, E64, E32, EFS, Hh, M, Wu, Wn, Wx, S, Q, QH, QL, HP, HN,
-                              GE, ST, hshift, hmask, WEV[t], nev, WNEW[t], 0)
+        nev = _retire(C, t, k - 1, rows, window, queues, GE, hshift, hmask, WEV[t], 0)
+    err, nev, nnew = _acquire(C, t, k, rows, window, queues, GE, hshift, hmask, WEV[t], nev, WNEW[t], 0)
     counts[t, 0] = nev
     counts[t, 1] = nnew
     counts[t, 2] = err
