@@ -121,7 +121,8 @@ def main() -> None:
         print(f"planner kernels ready in {warm_up(args.tables):.1f} s (numba cache load, or first compile)")
     trace = zipf_trace(args.iterations, args.batch_size, args.tables, 1_000_000)
     cache = 60_000
-    runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag, bypass=args.bypass == "true")[0]
+    bypass = args.bypass == "true"
+    runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag, bypass=bypass)[0]
             for _ in range(args.repeats)]
     planned = float(np.median(runs))
     acks = "never acknowledged" if args.ack_lag < 0 else f"acknowledged {args.ack_lag} iterations behind"
@@ -133,7 +134,7 @@ def main() -> None:
         rates = {}
         for k in (int(x) for x in args.partitions.split(",") if x):
             runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag, partitions=k,
-                              bypass=args.bypass == "true")[0]
+                              bypass=bypass)[0]
                     for _ in range(args.repeats)]
             rates[k] = float(np.median(runs))
             base = rates.get(1)

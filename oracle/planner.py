@@ -14,8 +14,9 @@ follows the window and the cache, never the tables. Python here only checks
 the batches, grows the state between kernel calls, runs the per-trainer
 kernels in a small thread pool (one thread per trainer, up to the cores;
 the kernels release the GIL), and slices the kernels' arrays into each
-plan's fields (``oracle.shell`` builds the plans). Its results do not depend on the threads: each per-trainer kernel
-writes only its trainer's state.
+plan's fields (``oracle.shell`` builds the plans). Its results do not
+depend on the threads: each per-trainer kernel writes only its trainer's
+state.
 """
 
 from __future__ import annotations
@@ -313,16 +314,16 @@ class Planner(PlannerShell):
     def _start_load(self) -> list[Future]:
         """Check batch ``loaded``, make room for it, and start loading it into every trainer's window."""
         i = self._loaded
-        rows = self._rows(i)
+        keys = self._rows(i)
         s = self._state
         if s is None:
-            s = self._state = _State(self.cfg, self.iterations, rows.shape[1], self._pinned)
-        elif rows.shape[1] != int(s.C[fp.C_T]):
-            raise PlanError(f"batch {i} has {rows.shape[1]} tables, batch 0 has {int(s.C[fp.C_T])}")
+            s = self._state = _State(self.cfg, self.iterations, keys.shape[1], self._pinned)
+        elif keys.shape[1] != int(s.C[fp.C_T]):
+            raise PlanError(f"batch {i} has {keys.shape[1]} tables, batch 0 has {int(s.C[fp.C_T])}")
         s.before_load()
         # The records as they are now: the next growth waits for these jobs (_end_load).
-        state, window, queues, buffers = s.rows, s.window, s.queues, s.buffers
-        return self._each_trainer(lambda t: fp.load(s.C, i, t, rows, state, window, queues, buffers), wait=False)
+        rows, window, queues, buffers = s.rows, s.window, s.queues, s.buffers
+        return self._each_trainer(lambda t: fp.load(s.C, i, t, keys, rows, window, queues, buffers), wait=False)
 
     def _end_load(self, jobs: list[Future]) -> None:
         for job in jobs:

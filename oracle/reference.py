@@ -144,8 +144,7 @@ _PRIORITY: dict[str, Callable[[_TrainerCache, int], tuple]] = {
 
 class Planner(PlannerShell):
     """Plans iterations 0..iterations-1 for every trainer; see the module docstring, and
-    ``oracle.shell`` for the loop (a step: ``_load`` and ``_advance``, ``_finish_evictions``,
-    ``_plan_iteration``).
+    ``oracle.shell`` for the loop (a step: ``_load`` and ``_advance``, ``_attach``, ``_plan``).
 
     Use ``plans()`` for the stream of ``(iteration, [Plan per trainer])``.
     The planner keeps only the window [current, current + horizon] of
@@ -239,15 +238,6 @@ class Planner(PlannerShell):
         self._load(k + self.cfg.horizon)
         return self._advance(k)
 
-    def _attach(self, evictions: list[list[tuple[int, int]]], after: int) -> list[dict]:
-        return self._finish_evictions(evictions, after)
-
-    def _plan(self, k: int) -> list[dict]:
-        return self._plan_iteration(k)
-
-    def _flush(self, after: int) -> list[list[tuple[int, int]]]:
-        return self._evict_all()
-
     def _advance(self, k: int) -> list[list[tuple[int, int]]]:
         """Retire iteration k-1's uses and choose what each trainer evicts after it: (key, slot) each."""
         evictions: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
@@ -331,7 +321,7 @@ class Planner(PlannerShell):
         after = q[1] if len(q) > 1 else INF
         return (-after, 0, k, key) < self.priority(c, victim)
 
-    def _plan_iteration(self, k: int) -> list[dict]:
+    def _plan(self, k: int) -> list[dict]:
         """Plan k's fields per trainer: fetches and joins of the new rows, installs, reads and syncs."""
         reads: list[np.ndarray] = []
         fetches: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]  # (key, version)
@@ -414,7 +404,7 @@ class Planner(PlannerShell):
                 slots_needed=c.capacity + peak if peak else c.next_slot))
         return planned
 
-    def _finish_evictions(self, evictions: list[list[tuple[int, int]]], after: int) -> list[dict]:
+    def _attach(self, evictions: list[list[tuple[int, int]]], after: int) -> list[dict]:
         """Plan ``after``'s eviction fields per trainer; the last holder writes back."""
         ended: dict[int, int] = {}  # key -> writer
         for t in range(self.n):
@@ -435,8 +425,8 @@ class Planner(PlannerShell):
                                 evict_write=np.array(write, dtype=np.uint8)))
         return evicted
 
-    def _evict_all(self) -> list[list[tuple[int, int]]]:
-        """After the last iteration every cached row is evicted (and, by ``_finish_evictions``, written back once)."""
+    def _flush(self, after: int) -> list[list[tuple[int, int]]]:
+        """After the last iteration every cached row is evicted (and, by ``_attach``, written back once)."""
         evictions: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
         for t, c in enumerate(self.caches):
             for key in list(c.slot_of):

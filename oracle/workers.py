@@ -156,8 +156,9 @@ class RemotePartition:
 
     def on_demand_plans(self):
         for k in range(self.iterations):
+            plans = self.link.take(self.offset + k, self.partition)
             # In the segment's numbering, as a local partition's planner gives it.
-            yield k, [dataclasses.replace(plan, iteration=k) for plan in self.link.take(self.offset + k, self.partition)]
+            yield k, [dataclasses.replace(plan, iteration=k) for plan in plans]
 
     def note_writebacks_applied(self, through_iteration: int) -> None:
         self.link.note_writebacks_applied(through_iteration + self.offset)
@@ -278,7 +279,8 @@ def serve_partitions(cfg: RunConfig, batches, iterations: int, start: int, worke
             for plans in per_partition:
                 for plan in plans:
                     # On the wire, absolute; the arrays stay the segment's.
-                    frames.append(encode_plan(dataclasses.replace(plan, iteration=i), server.job, batches.epoch_of(i)))
+                    absolute = dataclasses.replace(plan, iteration=i)
+                    frames.append(encode_plan(absolute, server.job, batches.epoch_of(i)))
             server.send_iteration(i, frames)
             if server.written_through - lo > applied:
                 applied = server.written_through - lo

@@ -3,8 +3,8 @@
 ``finish_step`` settles the evictions of a step (who writes back, which
 episodes end), ``plan_iteration`` builds plan k (fetches or joins of the new
 rows, installs, reads, syncs), ``flush`` empties every cache after the last
-iteration. The rules are ``oracle.reference``'s ``_plan_iteration``,
-``_finish_evictions`` and ``_flush_all``.
+iteration. The rules are ``oracle.reference``'s ``_plan``, ``_attach``
+and ``_flush``.
 """
 
 from __future__ import annotations
