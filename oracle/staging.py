@@ -60,37 +60,24 @@ def stage_fetches(plans: Iterable[tuple[int, list[Plan]]], lead: int, stats: lis
     """
     trainers = len(stats)
     waiting: deque[_Received] = deque()  # received, not yet emitted, oldest first
-    written: deque[tuple[int, np.ndarray]] = deque()  # (iteration, keys written back after it), recent
     next_id = [0] * trainers
     staged = [0] * trainers
 
     def receive(j: int, plans_j: list[Plan]) -> None:
         rec = _Received(j, plans_j)
         floor = max(j - lead, 0)  # plans before it have been emitted (emit() keeps the lead)
-        # Recent write-backs that can hold a fetch back: key -> its last iteration, sorted by key.
-        recent = [(e, keys) for e, keys in written if e + 1 > floor and len(keys)]
-        if recent:
-            wkeys = np.concatenate([keys for _, keys in recent])
-            witer = np.concatenate([np.full(len(keys), e, np.int64) for e, keys in recent])
-            order = np.lexsort((witer, wkeys))
-            wkeys, witer = wkeys[order], witer[order]
-            latest = np.append(wkeys[1:] != wkeys[:-1], True)
-            wkeys, witer = wkeys[latest], witer[latest]
         for t, p in enumerate(plans_j):
-            at = np.full(len(p.fetch_keys), floor, np.int64)
-            if recent and len(at):
-                pos = np.minimum(np.searchsorted(wkeys, p.fetch_keys), len(wkeys) - 1)
-                hit = wkeys[pos] == p.fetch_keys
-                at[hit] = witer[pos[hit]] + 1
+            # A fetch names the version of its row's last write-back (the iteration after which it was
+            # written; -1: none to wait for), so it can go out in plan version + 1 at the earliest. The
+            # planners forget a version only once trainers have applied it, and they cannot have
+            # applied a write-back after an iteration whose plan is not emitted: a forgotten version
+            # is below the floor.
+            at = np.maximum(p.fetch_versions + 1, floor)
             stats[t].fetches_deferred += int(np.count_nonzero(at > floor))
             rec.issue_at.append(at)
             rec.issued_id.append(np.full(len(at), -1, np.int64))
             if len(p.install_ids) != len(at):
                 raise AssertionError(f"plan {j} trainer {t} installs other rows than it fetches (internal error)")
-        # One writer per ended episode: the keys written back after j are distinct across trainers.
-        written.append((j, np.concatenate([p.evict_keys[p.evict_write.astype(bool)] for p in plans_j])))
-        while written and written[0][0] < j + 1 - lead:  # cannot hold back any fetch still to come
-            written.popleft()
         waiting.append(rec)
 
     def emit() -> tuple[int, list[Plan]]:
