@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/oracle_speed.py [--batch-size 4096] [--iterations 30] [--trainers 2]
                                      [--planner fast|reference] [--ack-lag N] [--repeats 3]
-                                     [--partitions 1,2,4,8]
+                                     [--partitions 1,2,4,8] [--threads-per-partition 0,1]
 
 Prints ids planned per second by the ``bagpipe`` policy (the compiled
 planner, or ``--planner reference`` for the pure-Python specification it is
@@ -21,7 +21,10 @@ iterations behind the plan, as trainers' credits do in a real job.
 partitions (``oracle.partitions``: the same cache split into K shares, K
 planners in threads) and prints ids/s for each, its speed-up over one, and
 ids/s per planning thread (ids/s over min(K, cores)), from which the
-scaling on a host with more cores can be read.
+scaling on a host with more cores can be read. ``--threads-per-partition
+0,1`` runs each partitioned case with those pool sizes inside every
+partition, in turn (the default is ``oracle.partitions.partition_pool``'s
+rule).
 """
 
 from __future__ import annotations
@@ -52,11 +55,13 @@ def zipf_trace(iterations: int, batch: int, tables: int, rows: int, seed: int = 
 
 
 def plan_rate(trace, batch: int, trainers: int, cache_rows: int, impl=planner, ack_lag: int = -1,
-              track_memory: bool = False, partitions: int = 1, bypass: bool = True) -> tuple[float, int]:
+              track_memory: bool = False, partitions: int = 1, bypass: bool = True,
+              threads_per_partition: int | None = None) -> tuple[float, int]:
     """Ids planned per second over the whole trace (flush included), and the peak traced memory."""
     cfg = impl.PlannerConfig("bagpipe", cache_rows, 2, 8, trainers, batch, len(trace), partitions=partitions,
                              bypass=bypass)
-    plan = impl.Planner(cfg, trace) if partitions == 1 else PartitionedPlanner(cfg, trace, backend=impl)
+    plan = (impl.Planner(cfg, trace) if partitions == 1 else
+            PartitionedPlanner(cfg, trace, backend=impl, threads_per_partition=threads_per_partition))
     if track_memory:
         tracemalloc.start()
     t0 = time.perf_counter()
@@ -77,6 +82,7 @@ def warm_up(tables: int) -> float:
     # Long enough for the state to grow (rehash, queue compaction) and to forget acknowledged
     # write-backs: numba loads each kernel at its first call, which must not fall in the timed run.
     plan_rate(zipf_trace(12, 512, tables, 20_000), 512, 2, 8000, ack_lag=2)
+    plan_rate(zipf_trace(4, 512, tables, 20_000), 512, 2, 8000, partitions=2)  # the split and merge kernels
     return time.perf_counter() - t0
 
 
@@ -115,6 +121,9 @@ def main() -> None:
                         "behind the plan (-1: never)")
     parser.add_argument("--bypass", default="true", choices=["true", "false"], help="oracle_bypass")
     parser.add_argument("--partitions", default="", help="comma-separated partition counts to compare, e.g. 1,2,4,8")
+    parser.add_argument("--threads-per-partition", default="",
+                        help="each partition's own pool, comma-separated to compare in turn, e.g. 0,1 "
+                             "(default: oracle.partitions.partition_pool's rule)")
     args = parser.parse_args()
     impl = planner if args.planner == "fast" else reference
     if impl is planner:
@@ -131,17 +140,24 @@ def main() -> None:
           f"{args.tables} tables, {args.iterations} iterations, cache {cache:,} rows, write-backs {acks})")
     if args.partitions:
         cores = os.cpu_count() or 1
-        rates = {}
-        for k in (int(x) for x in args.partitions.split(",") if x):
-            runs = [plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag, partitions=k,
-                              bypass=bypass)[0]
-                    for _ in range(args.repeats)]
-            rates[k] = float(np.median(runs))
-            base = rates.get(1)
-            print(f"partitions {k}: median {rates[k]:,.0f} ids/s of {len(runs)} runs "
-                  f"({', '.join(f'{r / 1e6:.2f}M' for r in runs)})"
-                  + (f", {rates[k] / base:.2f}x one partition" if base else "")
-                  + f", {rates[k] / min(k, cores):,.0f} ids/s per planning thread ({cores} cores)")
+        pools = [int(x) for x in args.threads_per_partition.split(",") if x] or [None]
+        # One partition is the plain planner, with its own pool; every case runs once per repeat, the order
+        # flipped every repeat, so the machine's drift stays out of the ratios.
+        cases = [(k, pool) for k in (int(x) for x in args.partitions.split(",") if x)
+                 for pool in (pools if k > 1 else [None])]
+        runs: dict = {case: [] for case in cases}
+        for r in range(args.repeats):
+            for k, pool in (cases if r % 2 == 0 else cases[::-1]):
+                runs[k, pool].append(plan_rate(trace, args.batch_size, args.trainers, cache, impl, args.ack_lag,
+                                               partitions=k, bypass=bypass, threads_per_partition=pool)[0])
+        base = float(np.median(runs[1, None])) if (1, None) in runs else None
+        for (k, pool), got in runs.items():
+            rate = float(np.median(got))
+            label = f"partitions {k}" + ("" if pool is None else f", {pool} threads per partition")
+            print(f"{label}: median {rate:,.0f} ids/s of {len(got)} runs "
+                  f"({', '.join(f'{x / 1e6:.2f}M' for x in got)})"
+                  + (f", {rate / base:.2f}x one partition" if base else "")
+                  + f", {rate / min(k, cores):,.0f} ids/s per planning thread ({cores} cores)")
     local = args.batch_size // args.trainers
     for label, model_cfg in (("tiny DLRM, bottom 64-16, top 64-32-1", TINY),
                              ("realistic DLRM, bottom 512-256-64-16, top 512-256-1", REALISTIC)):

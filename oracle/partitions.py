@@ -117,6 +117,18 @@ def _place_reads(out, read, p, base, share, total, k, bounded):
     return unread
 
 
+def partition_pool(trainers: int, cores: int, stepping_threads: int) -> int:
+    """Threads in each partition's own pool (its trainers' kernels, its next batch's loading), 0: none.
+
+    A partition's stepping thread is one core already; the cores left over per partition go to its
+    trainers' kernels. Where they leave it less than a second core there is no pool: a pool of one
+    beside the stepping thread only adds hand-offs, and the two compete for the same cores
+    (BENCHMARKS.md, "Partitioned planning", has the figures).
+    """
+    per = cores // max(stepping_threads, 1)
+    return min(trainers, per) if per >= 2 else 0
+
+
 class _Split:
     """The batches' plan keys with each cell's partition, for the partitions' views.
 
@@ -184,9 +196,12 @@ class PartitionedPlanner:
     ``oracle.reference`` for the differential test)."""
 
     def __init__(self, cfg: PlannerConfig, batches: BatchSource, backend=fast, workers: int | None = None,
-                 local: list[int] | None = None, remote: dict | None = None) -> None:
+                 local: list[int] | None = None, remote: dict | None = None,
+                 threads_per_partition: int | None = None) -> None:
         """``local``: the partitions planned here (all but ``remote``'s when None); ``remote``: partition ->
-        a stream of its on-demand plans planned elsewhere (``oracle.workers.RemotePartition``)."""
+        a stream of its on-demand plans planned elsewhere (``oracle.workers.RemotePartition``);
+        ``workers``: threads stepping the partitions (default: one per partition, up to the cores);
+        ``threads_per_partition``: each partition's own pool (``partition_pool``'s rule by default)."""
         check_planned(cfg)
         # One horizon for every partition, chosen on the whole batches: a partition sees 1/K of the rows
         # with 1/K of the slots, so the same window covers its share as well.
@@ -217,8 +232,8 @@ class PartitionedPlanner:
             part_cfg = dataclasses.replace(cfg, cache_rows=share, partitions=1, workers=0)
             try:
                 if backend is fast:
-                    # The cores left per partition go to its trainers' kernels.
-                    inner = min(self.n, cores // max(self.workers, 1)) if cores > 1 else 0
+                    inner = (partition_pool(self.n, cores, self.workers) if threads_per_partition is None
+                             else threads_per_partition)
                     self.parts.append(fast.Planner(part_cfg, _View(split, p), workers=inner))
                 else:
                     self.parts.append(backend.Planner(part_cfg, _View(split, p)))
@@ -234,11 +249,12 @@ class PartitionedPlanner:
         return stage_fetches(self.on_demand_plans(), self.cfg.fetch_lead, self.stats, offset)
 
     def note_writebacks_applied(self, through_iteration: int) -> None:
-        """Write-backs after iterations <= ``through_iteration`` have landed (trainer acks)."""
+        """Write-backs after iterations <= ``through_iteration`` have landed (trainer acks).
+
+        Noted here only: each partition takes it in its own thread, before the next step it starts
+        (``_lockstep``), since a partition may be stepping while its caller reads a merged plan.
+        """
         self.wb_applied_through = max(self.wb_applied_through, through_iteration)
-        for part in self.parts:
-            if part is not None:
-                part.note_writebacks_applied(through_iteration)
 
     def min_cache_rows(self) -> int:
         """The smallest capacity that can run with these partitions (``smallest_partitioned_cache``)."""
@@ -265,30 +281,60 @@ class PartitionedPlanner:
         return self._lockstep(self.local)
 
     def _lockstep(self, which: list[int]) -> Iterator[tuple[int, list[list[Plan]]]]:
-        """Iteration by iteration, each partition in ``which`` one step (the local ones in threads)."""
+        """Iteration by iteration, each partition in ``which`` one step (the local ones in threads).
+
+        The partitions step to iteration k + 1 while the caller merges and stages k (the merge and
+        staging run in the caller's thread: left in series, they kept a core idle for a fifth of each
+        iteration). Each step takes the acknowledgements noted before it started, so the plans do not
+        depend on the threads' timing: an acknowledgement noted after plan k is handed out reaches the
+        partitions at step k + 2, one step later than without the overlap (forgetting a landed write-back
+        later only keeps its version longer; ``tests/test_oracle_partitions.py`` checks the plans).
+        """
         streams = {p: self.parts[p].on_demand_plans() for p in which}
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="partition") if self.workers else None
+        pending: list = []
+
+        def start() -> list:
+            """Step every partition once, with the acknowledgements noted so far: futures, or (no pool)
+            the results, an exception standing in for a partition that failed."""
+            acked = self.wb_applied_through
+            if pool is not None:
+                return [pool.submit(self._next, p, streams[p], acked) for p in which]
+            got = []
+            for p in which:
+                try:
+                    got.append(self._next(p, streams[p], acked))
+                except Exception as exc:  # raised once iteration k's plans are out, as a thread's would be
+                    got.append(exc)
+            return got
+
         try:
+            if self.iterations:
+                pending = start()
             for k in range(self.iterations):
-                if pool is None:
-                    got = [self._next(p, streams[p]) for p in which]
-                else:
-                    jobs = [pool.submit(self._next, p, streams[p]) for p in which]
-                    got = [job.exception() or job.result() for job in jobs]
+                got = [job.exception() or job.result() for job in pending] if pool is not None else pending
+                pending = []
                 for item in got:  # the first partition in order that failed names the error
                     if isinstance(item, BaseException):
                         raise item
                 for p, (i, _) in zip(which, got):
                     if i != k:
                         raise AssertionError(f"partition {p} planned iteration {i} when {k} was due (internal error)")
+                if k + 1 < self.iterations:
+                    pending = start()
                 yield k, [plans for _, plans in got]
         finally:
+            if pool is not None:
+                for job in pending:  # a step still running holds its stream: let it finish first
+                    job.exception()
             for s in streams.values():
                 s.close()  # each partition's threads stop with its stream
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _next(self, p: int, stream: Iterator) -> tuple[int, list[Plan]]:
+    def _next(self, p: int, stream: Iterator, acked: int = -1) -> tuple[int, list[Plan]]:
+        if acked >= 0:
+            self.parts[p].note_writebacks_applied(acked)
         try:
             item = next(stream, None)
         except CapacityError as exc:
