@@ -103,17 +103,20 @@ def _place_reads(out, read, p, base, share, total, k, bounded):
     them); returns how many cells of ``out`` no partition up to p has read."""
     flat, dst = read.reshape(-1), out.reshape(-1)
     unread = 0
+    # Without a branch on whether p reads the cell (true for a random 1/K of them, which defeats
+    # prediction): the moved slot is computed for every cell and selected.
     for x in range(flat.size):
         r = flat[x]
-        if r >= 0:
-            if not bounded:
-                dst[x] = r * k + p
-            elif r < share:
-                dst[x] = r + base
-            else:
-                dst[x] = total + (r - share) * k + p
-        elif dst[x] < 0:
-            unread += 1
+        if not bounded:
+            moved = r * k + p
+        elif r < share:  # nearly always: the scratch area past the share is small
+            moved = r + base
+        else:
+            moved = total + (r - share) * k + p
+        mine = r >= 0
+        kept = dst[x]
+        dst[x] = moved if mine else kept
+        unread += (not mine) & (kept < 0)
     return unread
 
 
